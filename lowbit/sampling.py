@@ -1,0 +1,49 @@
+"""Batched, seeded sampling of token ids from a causal LM with its KV cache.
+
+Generation from an empty prompt follows METHODS.md section 6.1: ``[BOS]`` (if the tokenizer has
+one), then a first token drawn uniformly from the non-special vocabulary (a greedy first token
+would give every sample the same prefix), ``greedy_prefix`` greedy tokens, then sampling with
+``temperature`` / ``top_p`` to ``length`` tokens. One ``torch.Generator`` seeded with ``seed``
+drives every random choice, so the same seed gives the same ids.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+    drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
+    sorted_logits[drop] = float("-inf")
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+@torch.inference_mode()
+def sample_ids(model: nn.Module, n: int, length: int, *, seed: int = 0, bos_id: int | None = None,
+               first_token_pool: Tensor | None = None, greedy_prefix: int = 0, temperature: float = 1.0,
+               top_p: float = 1.0, vocab_size: int | None = None) -> Tensor:
+    """``n`` sequences of ``length`` ids each (BOS included when given), shape ``(n, length)``."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab_size = vocab_size or model.config.vocab_size
+    pool = first_token_pool if first_token_pool is not None else torch.arange(vocab_size)
+    first = pool[torch.randint(len(pool), (n,), generator=gen)]
+    seq = first[:, None] if bos_id is None else torch.stack([torch.full((n,), bos_id), first], 1)
+    device = next(model.parameters()).device
+    seq = seq.to(device)
+    out = model(seq, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :vocab_size].float()
+    while seq.shape[1] < length:
+        step = seq.shape[1] - (1 if bos_id is None else 2)  # tokens generated after the first
+        if step < greedy_prefix or temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(_top_p_filter(logits / temperature, top_p), -1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(device)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        out = model(nxt[:, None], past_key_values=past, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1, :vocab_size].float()
+    return seq[:, :length].cpu()
