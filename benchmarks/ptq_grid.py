@@ -48,7 +48,7 @@ GRIDS: dict[str, list[tuple[str, dict | None, dict | None, bool]]] = {
 
 
 def run_one(model_id: str, label: str, w: dict | None, a: dict | None, dataset: str, windows: int | None,
-            seqlen: int | None, seed: int) -> dict:
+            seqlen: int | None, seed: int, meta: dict) -> dict:
     model, tok = load_model(model_id)
     cfg = None
     t0 = time.time()
@@ -71,7 +71,7 @@ def run_one(model_id: str, label: str, w: dict | None, a: dict | None, dataset: 
         | {"parts": rep["parts"]},
         "metrics": {dataset: res}, "seed": seed, "quant_wall_s": quant_s, "eval_wall_s": res["wall_s"],
         "tokenizer_adds_bos": ids[0].item() == tok.bos_id if tok.bos_id is not None else False,
-        **run_metadata(),
+        **meta,
     }
 
 
@@ -89,6 +89,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(args.seed)
     only = set(args.only.split(",")) if args.only else None
+    meta = run_metadata()  # the code that runs is the code imported now, whatever changes on disk later
     for label, w, a, full in GRIDS[args.grid]:
         if only and label not in only:
             continue
@@ -96,7 +97,8 @@ def main() -> None:
         if path.exists():
             print(f"skip {label} (exists)")
             continue
-        rec = run_one(args.model, label, w, a, args.dataset, None if full else args.windows, args.seqlen, args.seed)
+        rec = run_one(args.model, label, w, a, args.dataset, None if full else args.windows, args.seqlen, args.seed,
+                      meta)
         write_json(path, rec)
         r = rec["metrics"][args.dataset]
         print(f"{label}: ppl {r['ppl']:.3f} on {r['windows']}/{r['windows_total']} windows, "
