@@ -70,7 +70,8 @@ def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]
     size = path.stat().st_size
     hint = "is this a llama2.c version-0 checkpoint?"
     if size < 4 * _HEADER:
-        raise ValueError(f"{path.name}: file is only {size} bytes, too small for the 28-byte llama2.c header; {hint}")
+        raise ValueError(f"{path.name}: file is only {size} bytes, too small for the 28-byte llama2.c header; "
+                         f"{hint}")
     raw = bytearray(path.read_bytes())  # writable buffer: torch.frombuffer warns on read-only bytes
     head = [int(x) for x in np.frombuffer(raw, dtype="<i4", count=_HEADER)]
     if head[0] == _V1_MAGIC:

@@ -159,9 +159,11 @@ def _load_hf_folder(path: Path, dtype: torch.dtype):
     archs = cfg.get("architectures") or []
     if archs and archs[0] not in ARCHS:
         raise ValueError(f"unsupported architecture {archs[0]} in {path}; lowbit supports {', '.join(sorted(ARCHS))}")
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"could not load the weights in {path} ({first}); the file may be corrupt: "
                          "re-download or re-export it") from None

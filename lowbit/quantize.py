@@ -77,6 +77,32 @@ def _quantize_embeddings(model: nn.Module, cfg: QuantConfig) -> None:
         head.freeze()
 
 
+def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
+    """Check that ``cfg`` fits ``model``'s shapes before any work is done (one-line ValueErrors)."""
+    from .granularity import check_fits
+
+    if cfg.method not in ALGORITHMS:
+        raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    if cfg.weight is None and cfg.act is None and cfg.embed is None and cfg.head is None:
+        raise ValueError("nothing to quantize: give a weight, activation, embedding or head spec")
+    filt = block_linear_filter(model, cfg.skip)
+    targets = [(n, m) for n, m in model.named_modules() if filt(m, n)]
+    if (cfg.weight is not None or cfg.act is not None) and not targets:
+        raise ValueError("no Linear layer found inside the decoder blocks to quantize")
+    for name, m in targets:
+        if cfg.weight is not None:
+            try:
+                check_fits(cfg.weight.granularity, m.weight.shape)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if cfg.act is not None:
+            check_fits(cfg.act.granularity, (1, m.in_features))
+    arch = arch_of(model)
+    for spec, path in ((cfg.embed, arch.embed), (cfg.head, arch.head)):
+        if spec is not None:
+            check_fits(spec.granularity, get_module(model, path).weight.shape)
+
+
 def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None,
                    progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place according to ``cfg`` and return it.
@@ -85,17 +111,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
     The config is attached as ``model.lowbit_config`` so that :func:`lowbit.export.save_quantized`
     can write it beside the weights.
     """
-    if cfg.method not in ALGORITHMS:
-        raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(sorted(ALGORITHMS))}")
-    if cfg.weight is None and cfg.act is None and cfg.embed is None and cfg.head is None:
-        raise ValueError("nothing to quantize: give a weight, activation, embedding or head spec")
+    validate_config(model, cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if cfg.weight is not None or cfg.act is not None:
-        names = replace_modules(model, lambda m, n: QuantLinear.from_linear(m, cfg.weight, cfg.act),
-                                block_linear_filter(model, cfg.skip))
-        if not names:
-            raise ValueError("no Linear layer found inside the decoder blocks to quantize")
+        replace_modules(model, lambda m, n: QuantLinear.from_linear(m, cfg.weight, cfg.act),
+                        block_linear_filter(model, cfg.skip))
     _quantize_embeddings(model, cfg)
     ALGORITHMS[cfg.method](model, cfg, calib=calib, progress=progress)
     model.lowbit_config = cfg

@@ -18,6 +18,7 @@ Recipe (llama2.c-style TinyStories pretraining):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -108,13 +109,14 @@ def load_stories(path: str | Path) -> list[str]:
     cur: list[str] = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if EOT in line:
-                story = "".join(cur).strip()
+            parts = line.split(EOT)
+            for part in parts[:-1]:  # text before a marker on its line still belongs to the story
+                story = ("".join(cur) + part).strip()
                 if story:
                     stories.append(story)
                 cur = []
-            else:
-                cur.append(line)
+            if len(parts) == 1 or parts[-1].strip():
+                cur.append(parts[-1])
     if not stories:
         raise ValueError(f"{path.name}: no story ended by a '{EOT}' line; separate stories with such lines")
     if "".join(cur).strip():
@@ -143,7 +145,8 @@ def stories_to_ids(stories: list[str], tok: Tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def get_batch(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(ids: torch.Tensor, seq_len: int, batch_size: int, seed: int,
+              step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets ``(batch, seq_len)`` for ``step``; depends only on (seed, step)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(ids) - seq_len, (batch_size,), generator=g)
@@ -240,13 +243,30 @@ def _atomic_json(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _quiet_hf():
+    """Silence transformers' own save/load progress bars (they would break our training bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _save_checkpoint(out: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, state: dict) -> None:
     """Write weights then ``state.pt``, each file via a temp name and ``os.replace``.
 
     ``state.pt`` records the sha256 of the weights it belongs to, so a crash between the two
     replacements is detected at resume instead of silently mixing steps.
     """
-    with tempfile.TemporaryDirectory(dir=out, prefix=".ckpt-") as tmp:
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"non-finite weights ({bad[0]}) at step {state['step']}; not saving: try a lower --lr")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".ckpt-") as tmp, _quiet_hf():
         model.save_pretrained(tmp)
         for f in sorted(Path(tmp).iterdir()):
             os.replace(f, out / f.name)
@@ -298,7 +318,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if state.get("weights_sha256") != _sha256(out / WEIGHTS):
             raise RuntimeError(f"{out}: {WEIGHTS} does not match {STATE} (interrupted while saving?); "
                                "start again with another --out")
-        model = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        with _quiet_hf():
+            model = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32)
         opt = make_optimizer(model, cfg)
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -316,7 +337,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         shutil.copyfile(cfg.tokenizer, out / "tokenizer.model")
     model.train()
 
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    end = cfg.steps if cfg.stop_after is None else max(start, min(cfg.steps, cfg.stop_after))
     t0 = time.perf_counter()
 
     def snapshot(step: int) -> dict:

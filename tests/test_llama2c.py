@@ -14,6 +14,16 @@ STORIES = SHARED / "models" / "stories260K"
 BIN = STORIES / "stories260K.bin"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and OpenMP spin-waits make 2 threads crawl on a busy
+    2-core machine; restore the caller's setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _need_shared() -> None:
     if not BIN.is_file():
         pytest.skip(f"{BIN} not available")

@@ -1,0 +1,280 @@
+"""``lowbit`` command line: subcommands that mirror the Python API one to one.
+
+    lowbit quantize MODEL --w-format int4 --w-granularity g128 --eval wikitext2 --out out/m-w4g128
+    lowbit eval MODEL --tasks wikitext2,c4,kl --fp-model MODEL
+    lowbit generate MODEL --prompt "Once upon a time"
+    lowbit train --data stories.txt --tokenizer tok512.model --out runs/s260k
+    lowbit info MODEL
+
+Bad input ends with one line ``lowbit: error: ...`` and exit status 2 (set ``LOWBIT_DEBUG=1`` for
+the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+from .config import FORMAT_NAMES, GRANULARITY_NAMES, QuantConfig, parse_spec
+
+log = logging.getLogger("lowbit")
+
+
+# ------------------------------------------------------------------------------------ arguments
+def _add_spec_args(p: argparse.ArgumentParser, prefix: str, what: str, default_gran: str | None,
+                   sym_flag: str = "sym") -> None:
+    g = p.add_argument_group(f"{what} quantization")
+    g.add_argument(f"--{prefix}-format", default=None,
+                   help=f"number format for {what} ({', '.join(FORMAT_NAMES)}); omit to keep {what} in float")
+    g.add_argument(f"--{prefix}-granularity", default=None,
+                   help=f"{', '.join(GRANULARITY_NAMES)} (default {default_gran or 'per format'})")
+    if sym_flag == "sym":
+        g.add_argument(f"--{prefix}-sym", action="store_true", help="symmetric integer grid (default asymmetric)")
+    else:
+        g.add_argument(f"--{prefix}-asym", action="store_true", help="asymmetric integer grid (default symmetric)")
+    if prefix == "w":
+        g.add_argument("--scale", default=None, choices=["fp16", "e8m0"], help="how scales are stored (default fp16)")
+        g.add_argument("--scale-rounding", default="floor", choices=["floor", "ceil", "even", "rceil"],
+                       help="exponent rounding of e8m0 (MX) scales")
+        g.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
+        g.add_argument("--clip-search", action="store_true", help="MSE search of the clipping range per group")
+
+
+def _spec_from_args(a: argparse.Namespace, prefix: str, default_gran: str | None):
+    fmt = getattr(a, f"{prefix}_format")
+    if fmt is None:
+        return None
+    gran = getattr(a, f"{prefix}_granularity") or (default_gran if not fmt.lower().startswith(("mx", "bfp")) else None)
+    sym = getattr(a, f"{prefix}_sym", None)
+    if sym is None:
+        sym = not getattr(a, f"{prefix}_asym")
+    if prefix == "w":
+        return parse_spec(fmt, gran, symmetric=sym, scale=a.scale, scale_rounding=a.scale_rounding,
+                          rounding=a.rounding, clip_search=a.clip_search)
+    return parse_spec(fmt, gran, symmetric=sym)
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_tasks: str | None) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tasks" if default_tasks else "--eval", dest="tasks", default=default_tasks,
+                   help="comma-separated: wikitext2, c4, ptb, tinystories, a text file, kl (fidelity to the float model)")
+    g.add_argument("--seqlen", type=int, default=None, help="window length (default min(2048, model context))")
+    g.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default all)")
+    g.add_argument("--json", default=None, help="write the result record to this JSON file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize Hugging Face causal LMs, with or without data.")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model (and optionally evaluate and save it)")
+    q.add_argument("model", help="short name (stories260k, smollm2-135m), folder, .gguf, llama2.c .bin or hub id")
+    q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--tokenizer", default=None, help="tokenizer path, if not beside the model")
+    _add_spec_args(q, "w", "weights", "channel")
+    _add_spec_args(q, "a", "activations", "token", sym_flag="asym")
+    _add_spec_args(q, "embed", "embeddings", "channel")
+    _add_spec_args(q, "head", "head", "channel")
+    q.add_argument("--skip", default="", help="comma-separated Linear names inside a block to keep in float, e.g. mlp.down_proj")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default=None, help="save the quantized model to this folder")
+    q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the tensors that stay unquantized in the saved folder")
+    q.add_argument("--eval-fp", action="store_true", help="also evaluate the float model (before/after table)")
+    _add_eval_args(q, None)
+
+    e = sub.add_parser("eval", help="perplexity and fidelity of a model or a lowbit folder")
+    e.add_argument("model")
+    e.add_argument("--tokenizer", default=None)
+    e.add_argument("--fp-model", default=None, help="float reference for the kl task")
+    e.add_argument("--seed", type=int, default=0)
+    _add_eval_args(e, "wikitext2")
+
+    g = sub.add_parser("generate", help="sample text from a model")
+    g.add_argument("model")
+    g.add_argument("--tokenizer", default=None)
+    g.add_argument("--prompt", default="", help="empty: start from BOS")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train a small Llama-style LM from scratch (Stage 0)")
+    _add_dataclass_args(t)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    i = sub.add_parser("info", help="parameters and stored bits per part of a model")
+    i.add_argument("model")
+    i.add_argument("--tokenizer", default=None)
+    i.add_argument("--json", default=None)
+    return ap
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=float, nargs=len(default), default=default)
+        elif default is None:
+            typ = int if "int" in str(f.type) else None  # e.g. stop_after: int | None
+            p.add_argument(flag, default=None, type=typ, required=f.name in ("data", "tokenizer", "out"))
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+
+
+# ------------------------------------------------------------------------------------- commands
+def _tasks(a) -> list[str]:
+    return [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks else []
+
+
+def _print_results(label: str, res: dict, bits: dict | None = None) -> None:
+    from .results import format_table
+
+    rows = []
+    for task, r in res.items():
+        row = {"model": label, "task": task}
+        if "ppl" in r:
+            row |= {"ppl": r["ppl"], "windows": f"{r['windows']}/{r['windows_total']}", "seqlen": r["seqlen"]}
+        else:
+            row |= {"kl": r["kl"], "top1_agree": r["top1_agreement"]}
+        if bits:
+            row |= {"bits/param blocks": bits["blocks_bits_per_param"], "bits/param model": bits["model_bits_per_param"]}
+        rows.append(row)
+    cols = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    print(format_table(rows, cols))
+
+
+def cmd_quantize(a) -> dict:
+    from .eval import evaluate
+    from .export import save_quantized
+    from .models import load_model, model_name
+    from .quantize import quantize_model, validate_config
+    from .results import run_metadata, write_json
+    from .size import size_report
+
+    cfg = QuantConfig(weight=_spec_from_args(a, "w", "channel"), act=_spec_from_args(a, "a", "token"),
+                      embed=_spec_from_args(a, "embed", "channel"), head=_spec_from_args(a, "head", "channel"),
+                      method=a.method, seed=a.seed, skip=tuple(s for s in a.skip.split(",") if s))
+    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    validate_config(model, cfg)  # fail before any evaluation
+    tasks = _tasks(a)
+    fp_model = copy.deepcopy(model) if (a.eval_fp or "kl" in tasks) else None
+    record = {"model": model_name(a.model), "method": cfg.method, "config": cfg.to_dict(), "seed": a.seed,
+              "calibration": "none" if cfg.method == "rtn" else "see config"}
+    if a.eval_fp and tasks:
+        fp_tasks = [t for t in tasks if t != "kl"]
+        record["fp_metrics"] = evaluate(fp_model, tok, fp_tasks, a.seqlen, a.max_windows, progress=not a.quiet)
+        _print_results(f"{model_name(a.model)} (float)", record["fp_metrics"], size_report(fp_model))
+    t0 = time.time()
+    quantize_model(model, cfg, progress=not a.quiet)
+    record["quant_wall_s"] = time.time() - t0
+    rep = size_report(model)
+    record["bits"] = rep
+    if tasks:
+        record["metrics"] = evaluate(model, tok, tasks, a.seqlen, a.max_windows, fp_model=fp_model, seed=a.seed,
+                                     progress=not a.quiet)
+        _print_results(f"{model_name(a.model)} ({cfg.describe()})", record["metrics"], rep)
+    else:
+        from .size import format_size_report
+
+        print(format_size_report(rep))
+    if a.out:
+        save_quantized(model, a.out, tok, float_dtype=getattr(__import__("torch"), a.save_dtype),
+                       extra={"base_model": str(a.model)})
+        print(f"saved to {a.out}")
+    record |= run_metadata()
+    if a.json:
+        write_json(a.json, record)
+    return record
+
+
+def cmd_eval(a) -> dict:
+    from .eval import evaluate
+    from .models import load_model, model_name
+    from .results import run_metadata, write_json
+    from .size import size_report
+
+    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    fp_model = load_model(a.fp_model)[0] if a.fp_model else None
+    res = evaluate(model, tok, _tasks(a), a.seqlen, a.max_windows, fp_model=fp_model, seed=a.seed,
+                   progress=not a.quiet)
+    rep = size_report(model)
+    _print_results(model_name(a.model), res, rep)
+    record = {"model": model_name(a.model), "metrics": res, "bits": rep, "seed": a.seed, **run_metadata()}
+    if a.json:
+        write_json(a.json, record)
+    return record
+
+
+def cmd_generate(a) -> None:
+    from .generate import generate
+    from .models import load_model
+
+    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    text = generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_p=a.top_p, seed=a.seed)
+    print(a.prompt + text)
+
+
+def cmd_train(a) -> dict:
+    from .train import TrainConfig, train
+
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
+    res = train(TrainConfig(**kw), resume=a.resume, progress=not a.quiet)
+    print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=1))
+    return res
+
+
+def cmd_info(a) -> dict:
+    from .models import load_model, tied_embeddings
+    from .results import write_json
+    from .size import format_size_report, size_report
+
+    model, _ = load_model(a.model, tokenizer=a.tokenizer)
+    rep = size_report(model)
+    cfg = getattr(model, "lowbit_config", None)
+    print(f"{a.model}: {model.config.architectures[0]}, {rep['model_params']:,} parameters, "
+          f"tied embeddings: {tied_embeddings(model)}" + (f", lowbit: {cfg.describe()}" if cfg else ""))
+    print(format_size_report(rep))
+    if a.json:
+        write_json(a.json, rep)
+    return rep
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "train": cmd_train, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # lowbit draws its own bars; keep stderr for errors
+    hf_logging.set_verbosity_error()
+    try:
+        COMMANDS[args.cmd](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError, KeyError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"lowbit: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
