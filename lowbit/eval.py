@@ -54,8 +54,9 @@ def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | No
 def fidelity(fp_model: nn.Module, q_model: nn.Module, tok: Tokenizer, n: int = 8, length: int = 256,
              seed: int = 0, batch_size: int = 4, progress: bool = True) -> dict:
     """KL(p_fp || p_q) and top-1 agreement on text the float model generates itself."""
-    pool = torch.tensor(sorted(set(range(tok.vocab_size)) - tok.special_ids()))
     vocab = min(tok.vocab_size, fp_model.config.vocab_size)
+    # first tokens must be ids both the tokenizer and the model have
+    pool = torch.tensor(sorted(set(range(vocab)) - tok.special_ids()))
     kl_sum, agree, count = 0.0, 0, 0
     t0 = time.time()
     for b in tqdm(range(0, n, batch_size), desc="fidelity", disable=not progress, unit="batch"):

@@ -151,6 +151,8 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
     model.load_state_dict(state, strict=False)
     model.lowbit_config = QuantConfig.from_dict(meta["config"])
     model.eval()
-    tok = load_tokenizer(tokenizer or (path / "tokenizer.model" if (path / "tokenizer.model").is_file()
-                                       and not (path / "tokenizer.json").is_file() else path))
+    if tokenizer is None and not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                                      "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path} holds no tokenizer; pass --tokenizer (or save with a tokenizer)")
+    tok = load_tokenizer(tokenizer or path)
     return model, tok

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.tokenizer import Tokenizer
+from .sampling import filter_logits
+from .tokenizer import Tokenizer
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
@@ -16,17 +17,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
     """Pick one token id from a 1-D logits vector (greedy when temperature <= 0)."""
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0 < top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
-        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    probs = torch.softmax(filter_logits(logits / temperature, top_p, top_k), dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))
 
 

@@ -170,6 +170,6 @@ def num_groups(gran: Granularity, shape: tuple[int, ...] | torch.Size) -> int:
         return 1
     if isinstance(gran, (PerChannel, PerToken)):
         return rows
-    if isinstance(gran, PEG):
-        return gran.groups
+    if isinstance(gran, PEG):  # groups of ceil(n/k) dimensions: can be fewer than k when k does not divide n
+        return -(-n // group_size_of(gran, n))
     return rows * -(-n // group_size_of(gran, n))

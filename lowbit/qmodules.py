@@ -60,7 +60,7 @@ class _QuantWeightMixin:
         return qw
 
     def quantized_weight(self) -> Tensor:
-        if self.frozen:
+        if self.frozen or self.w_spec is None:  # no weight spec: activation-only quantization
             return self.weight
         return fake_quantize(self.weight, self.w_spec, self.qparams)
 
@@ -96,7 +96,8 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
 
     def extra_repr(self) -> str:
         a = f", act={self.a_spec.describe()}" if self.a_spec else ""
-        return f"{self.in_features}, {self.out_features}, w={self.w_spec.describe()}{a}, frozen={self.frozen}"
+        w = self.w_spec.describe() if self.w_spec else "float"
+        return f"{self.in_features}, {self.out_features}, w={w}{a}, frozen={self.frozen}"
 
 
 class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
@@ -120,7 +121,7 @@ class QuantEmbedding(_QuantWeightMixin, nn.Embedding):
     def forward(self, ids: Tensor) -> Tensor:
         out = F.embedding(ids, self.quantized_weight(), self.padding_idx)
         if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
+            out = out * self.embed_scale.to(out)  # a plain attribute: follow the output's device and dtype
         return out
 
     def extra_repr(self) -> str:

@@ -98,6 +98,8 @@ def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
         if cfg.act is not None:
             check_fits(cfg.act.granularity, (1, m.in_features))
     arch = arch_of(model)
+    if tied_embeddings(model) and cfg.embed and cfg.head and cfg.embed != cfg.head:
+        raise ValueError("the embedding and the head are tied (one tensor): give them the same spec")
     for spec, path in ((cfg.embed, arch.embed), (cfg.head, arch.head)):
         if spec is not None:
             check_fits(spec.granularity, get_module(model, path).weight.shape)

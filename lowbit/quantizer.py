@@ -209,7 +209,10 @@ def _params_from_range(xmin: Tensor, xmax: Tensor, spec: QuantSpec,
     if spec.scale == "e8m0":
         scale = _e8m0(amax, spec)
     else:
-        scale = torch.where(base > 0, base, torch.ones_like(base))
+        # an all-zero group: any scale gives 0 where the format has a zero code; 1-bit binary has none
+        # (values are +-s), so it takes the smallest fp16 scale rather than reconstructing zeros as +-1
+        fallback = FP16_TINY if not spec.is_uniform and isinstance(fmt, IntFormat) else 1.0
+        scale = torch.where(base > 0, base, torch.full_like(base, fallback))
         scale = _round_scale_fp16(scale)
     return QParams(scale, zero)
 

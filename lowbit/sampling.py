@@ -12,14 +12,18 @@ import torch
 from torch import Tensor, nn
 
 
-def _top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-    drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest set reaching top_p
-    sorted_logits[drop] = float("-inf")
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+def filter_logits(logits: Tensor, top_p: float = 1.0, top_k: int = 0) -> Tensor:
+    """Set to -inf every logit outside the top-k and outside the smallest set whose mass reaches
+    top_p (along the last dimension; the most likely token is always kept)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        p = torch.softmax(sorted_logits, -1)
+        drop = p.cumsum(-1) - p >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
 
 
 @torch.inference_mode()
@@ -41,7 +45,7 @@ def sample_ids(model: nn.Module, n: int, length: int, *, seed: int = 0, bos_id: 
         if step < greedy_prefix or temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(_top_p_filter(logits / temperature, top_p), -1)
+            probs = torch.softmax(filter_logits(logits / temperature, top_p), -1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(device)
         seq = torch.cat([seq, nxt[:, None]], 1)
         out = model(nxt[:, None], past_key_values=past, use_cache=True)

@@ -9,18 +9,8 @@ import torch
 
 from lowbit.generate import generate
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED  # noqa: E402  (conftest sets one torch thread for all tests)
 STORIES = SHARED / "models" / "stories260K"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make 2 threads crawl on a busy
-    2-core machine; restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,9 @@ import torch
 
 from lowbit.llama2c import load_llama2c, read_llama2c
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED  # noqa: E402  (conftest sets one torch thread for all tests)
 STORIES = SHARED / "models" / "stories260K"
 BIN = STORIES / "stories260K.bin"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make 2 threads crawl on a busy
-    2-core machine; restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _need_shared() -> None:

@@ -12,19 +12,9 @@ import torch
 from lowbit.train import (TrainConfig, get_batch, heldout_perplexity, load_stories, lr_at, split_stories,
                           stories_to_ids, train)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED  # noqa: E402  (conftest sets one torch thread for all tests)
 TOK = SHARED / "models" / "stories260K" / "tok512.model"
 TEXT = SHARED / "data" / "tinystories" / "tinystories_train_head_2MiB.txt"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and OpenMP spin-waits make 2 threads crawl on a busy
-    2-core machine; restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
