@@ -14,12 +14,14 @@ from . import __version__
 
 
 def git_commit() -> str:
-    """The commit of the lowbit checkout (``+dirty`` when the tree has uncommitted changes)."""
+    """The commit of the lowbit checkout (``+dirty`` when its code has uncommitted changes)."""
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # result files and the generated report are data, not code: they do not make a run dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!results", ":!BENCHMARKS.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
