@@ -237,6 +237,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+from .results import run_metadata  # noqa: E402
+
+
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -392,7 +395,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         evals.append([step, heldout_ppl])
     _atomic_json({"config": _config_dict(cfg), "seed": cfg.seed, "losses": losses, "evals": evals,
                   "heldout_ppl": heldout_ppl, "heldout_windows": cfg.eval_windows, "steps": step,
-                  "finished": step == cfg.steps, "tokens_seen": result["tokens_seen"], "wall_s": wall_s},
+                  "finished": step == cfg.steps, "tokens_seen": result["tokens_seen"], "wall_s": wall_s,
+                  **run_metadata()},
                  out / "train_log.json")
     log.info("stopped at step %d/%d: held-out ppl %.3f, %.1f s", step, cfg.steps, heldout_ppl, wall_s)
     return result
