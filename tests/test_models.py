@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCH_NAMES, STORIES, needs_shared, tiny_model
+from conftest import ARCH_NAMES, STORIES, needs_shared, tiny_model, unique_params
 from lowbit.config import QuantConfig, parse_spec
 from lowbit.models import ARCHS, arch_of, load_model, tied_embeddings
 from lowbit.qmodules import QuantEmbedding, QuantLinear
@@ -16,15 +16,6 @@ from lowbit.quantize import quantize_model
 from lowbit.tokenizer import SPTokenizer
 
 STORIES_PARAMS = 260_032  # models/README.md
-
-
-def _unique_params(model: nn.Module) -> int:
-    seen, n = set(), 0
-    for _, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def _per_row_int8_asym(w: torch.Tensor) -> torch.Tensor:
@@ -129,7 +120,7 @@ def test_unsupported_architecture_lists_supported(kind):
 def test_load_stories260k_short_name():
     model, tok = load_model("stories260k")
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
-    assert _unique_params(model) == STORIES_PARAMS
+    assert unique_params(model) == STORIES_PARAMS
     assert tied_embeddings(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert tok.bos_id == 1 and tok.vocab_size == 512
@@ -155,7 +146,7 @@ def test_load_transformers_folder(tiny_llama_dir):
 def test_load_llama2c_bin_matches_hf_folder():
     model, tok = load_model(STORIES / "stories260K.bin")
     assert isinstance(tok, SPTokenizer) and tok.path.name == "tok512.model"
-    assert _unique_params(model) == STORIES_PARAMS and tied_embeddings(model)
+    assert unique_params(model) == STORIES_PARAMS and tied_embeddings(model)
     hf, _ = load_model(STORIES / "hf")
     ids = torch.tensor([tok.encode("Once upon a time there was a cat")])
     with torch.no_grad():
@@ -215,7 +206,7 @@ def test_load_llama2c_bin_without_tokenizer(tmp_path):
         load_model(tmp_path / "m.bin")
     _assert_one_line_error(ei, "tokenizer")
     model, tok = load_model(tmp_path / "m.bin", tokenizer=STORIES / "tok512.model")
-    assert _unique_params(model) == STORIES_PARAMS and tok.vocab_size == 512
+    assert unique_params(model) == STORIES_PARAMS and tok.vocab_size == 512
 
 
 def test_load_unsupported_file_type(tmp_path):

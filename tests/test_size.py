@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import needs_shared, tiny_model
+from conftest import needs_shared, tiny_model, unique_params
 from lowbit.config import QuantConfig, parse_spec
 from lowbit.quantize import quantize_model
 from lowbit.size import PARTS, format_size_report, size_report
@@ -12,15 +12,6 @@ from lowbit.size import PARTS, format_size_report, size_report
 ATTN_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64)]  # q, k, v, o as (out, in)
 FFN_SHAPES = [(72, 64), (72, 64), (64, 72)]  # gate, up, down
 LAYERS, HIDDEN, VOCAB = 2, 64, 128
-
-
-def _unique_numel(model) -> int:
-    seen, n = set(), 0
-    for _, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def _int_group_bits(shape, bits: int, g: int, sym: bool, scale_bits: int = 16) -> int:
@@ -109,13 +100,13 @@ def test_tied_embeddings_counted_once():
     model = tiny_model("Gemma2ForCausalLM")
     assert model.lm_head.weight is model.model.embed_tokens.weight
     rep = size_report(model)
-    assert rep["model_params"] == _unique_numel(model) == sum(p.numel() for p in model.parameters())
+    assert rep["model_params"] == unique_params(model) == sum(p.numel() for p in model.parameters())
     assert rep["parts"]["embeddings"]["params"] == VOCAB * HIDDEN and rep["parts"]["head"]["params"] == 0
 
     quantize_model(model, QuantConfig(weight=parse_spec("int4", "g32"), embed=parse_spec("int8", "channel")),
                    progress=False)
     rep = size_report(model)
-    assert rep["model_params"] == _unique_numel(model)
+    assert rep["model_params"] == unique_params(model)
     emb = rep["parts"]["embeddings"]
     assert emb["params"] == emb["quantized_params"] == VOCAB * HIDDEN
     assert emb["bits"] == VOCAB * HIDDEN * 8 + VOCAB * (16 + 8)  # per-row scale and 8-bit zero, once
@@ -128,7 +119,7 @@ def test_stories260k_params():
 
     model, _ = load_model("stories260k")
     rep = size_report(model)
-    assert rep["model_params"] == 260_032 == _unique_numel(model)
+    assert rep["model_params"] == 260_032 == unique_params(model)
     assert rep["parts"]["embeddings"]["params"] == 512 * 64 and rep["parts"]["head"]["params"] == 0
     quantize_model(model, QuantConfig(weight=parse_spec("int4", "g32")), progress=False)
     ffn = size_report(model)["parts"]["ffn"]
