@@ -1,6 +1,7 @@
 """Evaluate a grid of weight/activation quantization settings on one model, one JSON per setting.
 
-Resumable: a setting whose JSON already exists under ``--out`` is skipped. Every JSON holds the
+Resumable: a setting whose JSON already exists under ``--out`` is skipped, and an interrupted
+evaluation continues from ``<label>.partial.json`` (the NLLs of the windows already scored). Every JSON holds the
 settings, the exact bits per parameter (blocks and whole model), per-window NLLs (so any prefix of
 the split can be re-scored), wall times, seed, commit and device.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import time
 from pathlib import Path
@@ -48,7 +50,7 @@ GRIDS: dict[str, list[tuple[str, dict | None, dict | None, bool]]] = {
 
 
 def run_one(model_id: str, label: str, w: dict | None, a: dict | None, dataset: str, windows: int | None,
-            seqlen: int | None, seed: int, meta: dict) -> dict:
+            seqlen: int | None, seed: int, meta: dict, out: str) -> dict:
     model, tok = load_model(model_id)
     cfg = None
     t0 = time.time()
@@ -58,7 +60,21 @@ def run_one(model_id: str, label: str, w: dict | None, a: dict | None, dataset: 
     quant_s = time.time() - t0
     seqlen = default_seqlen(model, seqlen)
     ids = eval_ids(dataset, tok, seqlen)
-    res = perplexity(model, ids, seqlen, windows, progress=True, desc=label)
+    # resumable: windows scored by an interrupted run of the same setting are kept
+    partial = Path(out) / f"{label}.partial.json"
+    key = {"config": None if cfg is None else cfg.to_dict(), "dataset": dataset, "seqlen": seqlen, "windows": windows}
+    done, prev_time = [], 0.0
+    if partial.exists():
+        old = json.loads(partial.read_text())
+        if old["key"] == key:
+            done, prev_time = old["nlls"], old["wall_s"]
+            print(f"{label}: resuming after {len(done)} windows", flush=True)
+    t_eval = time.time()
+    save = lambda nlls: write_json(partial, {"key": key, "nlls": nlls, "commit": meta["commit"],  # noqa: E731
+                                             "wall_s": prev_time + time.time() - t_eval})
+    res = perplexity(model, ids, seqlen, windows, progress=True, desc=label, done=done, on_window=save)
+    res["wall_s"] += prev_time  # the whole evaluation, across resumed runs
+    partial.unlink(missing_ok=True)
     rep = size_report(model)
     del model
     gc.collect()
@@ -98,7 +114,7 @@ def main() -> None:
             print(f"skip {label} (exists)")
             continue
         rec = run_one(args.model, label, w, a, args.dataset, None if full else args.windows, args.seqlen, args.seed,
-                      meta)
+                      meta, args.out)
         write_json(path, rec)
         r = rec["metrics"][args.dataset]
         print(f"{label}: ppl {r['ppl']:.3f} on {r['windows']}/{r['windows_total']} windows, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,24 +31,32 @@ from .tokenizer import Tokenizer
 
 @torch.inference_mode()
 def perplexity(model: nn.Module, ids: Tensor, seqlen: int, max_windows: int | None = None,
-               progress: bool = True, desc: str = "ppl") -> dict:
-    """Perplexity of ``model`` on 1-D ``ids`` over non-overlapping ``seqlen`` windows."""
+               progress: bool = True, desc: str = "ppl", done: list[float] | None = None,
+               on_window: Callable[[list[float]], None] | None = None) -> dict:
+    """Perplexity of ``model`` on 1-D ``ids`` over non-overlapping ``seqlen`` windows.
+
+    Resumable: ``done`` holds the NLLs of windows already scored (they are not run again) and
+    ``on_window(nlls)`` is called after every window, e.g. to save progress.
+    """
     total = ids.numel() // seqlen
     if total == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     n = min(total, max_windows) if max_windows else total
     device = next(model.parameters()).device
-    nlls = []
+    nlls = list(done or [])[:n]
     t0 = time.time()
-    bar = tqdm(range(n), desc=desc, disable=not progress, unit="win")
+    bar = tqdm(range(len(nlls), n), desc=desc, disable=not progress, unit="win", initial=len(nlls), total=n)
     for i in bar:
         x = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(x, use_cache=False).logits[0, :-1].float()
         nlls.append(F.cross_entropy(logits, x[0, 1:]).item())
         bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
+        if on_window is not None:
+            on_window(nlls)
     nll = sum(nlls) / n
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "windows_total": total, "seqlen": seqlen,
-            "tokens": n * seqlen, "window_nlls": nlls, "wall_s": time.time() - t0}
+            "tokens": n * seqlen, "window_nlls": nlls, "wall_s": time.time() - t0,
+            "windows_resumed": len(done or [])}
 
 
 @torch.inference_mode()

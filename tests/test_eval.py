@@ -180,3 +180,27 @@ def test_tinystories_eval_ids_one_bos_per_heldout_story():
 def test_unknown_dataset_name():
     with pytest.raises(FileNotFoundError, match="wikitext2"):
         load_text("no-such-dataset")
+
+
+def test_perplexity_resumes_exactly_after_an_interruption():
+    """An evaluation killed after 2 windows and resumed from the saved NLLs equals an uninterrupted one."""
+    model = tiny_model("LlamaForCausalLM")
+    ids = torch.randint(0, 128, (5 * 16 + 3,), generator=torch.Generator().manual_seed(1))
+    full = perplexity(model, ids, 16, progress=False)
+
+    saved: list[float] = []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(nlls):
+        saved[:] = nlls
+        if len(nlls) == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        perplexity(model, ids, 16, progress=False, on_window=save_then_die)
+    assert len(saved) == 2
+    resumed = perplexity(model, ids, 16, progress=False, done=saved)
+    assert resumed["windows_resumed"] == 2 and resumed["windows"] == 5
+    assert resumed["window_nlls"] == full["window_nlls"] and resumed["ppl"] == full["ppl"]
