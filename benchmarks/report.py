@@ -14,7 +14,9 @@ PREFIX = 40  # windows: the fixed prefix every SmolLM2 row is compared on
 
 
 def _load(folder: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.endswith(".partial.json")]
 
 
 def _ppl_prefix(m: dict, n: int) -> float | None:
@@ -41,7 +43,8 @@ def _setting(r: dict) -> tuple[str, str, str, str]:
     return fmt, w["granularity"], sym if w["format"].startswith("int") else "–", act
 
 
-def grid_table(rows: list[dict], order: list[str], dataset: str, prefix: int | None) -> str:
+def grid_table(rows: list[dict], order: list[str], dataset: str, prefix: int | None,
+               folder: Path | None = None) -> str:
     by = {r["label"]: r for r in rows}
     head = ["setting", "weight format", "granularity", "grid", "activations", "bits/param blocks",
             "bits/param model", f"ppl, first {prefix} windows" if prefix else None, "ppl, full split", "s/window"]
@@ -50,7 +53,12 @@ def grid_table(rows: list[dict], order: list[str], dataset: str, prefix: int | N
     for label in order:
         r = by.get(label)
         if r is None:
-            out.append(f"| {label} | " + " | ".join(["pending"] + [""] * (len(head) - 2)) + " |")
+            part = folder / f"{label}.partial.json" if folder else None
+            note = "not run yet"
+            if part is not None and part.is_file():
+                p = json.loads(part.read_text())
+                note = f"in progress: {len(p['nlls'])} of {p['key']['windows'] or 'all'} windows scored"
+            out.append(f"| {label} | " + " | ".join([note] + [""] * (len(head) - 2)) + " |")
             continue
         m = r["metrics"][dataset]
         fmt, gran, sym, act = _setting(r)
@@ -139,10 +147,13 @@ first-{PREFIX}-windows perplexity so all rows compare on the same text.
 python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --windows {PREFIX} --out results/rtn_smollm2
 ```
 
-{grid_table(smol, [g[0] for g in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX)}
+{grid_table(smol, [g[0] for g in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX, RES / 'rtn_smollm2')}
 
 Provenance: {provenance(smol)}. W8A8/W4A8 quantize the inputs of every block Linear per token
-(symmetric int8, dynamic); attention matmuls and the KV cache stay in float.
+(symmetric int8, dynamic); attention matmuls and the KV cache stay in float. The s/window column
+is the evaluation wall time per 2048-token window as it ran, on 2 cores shared with other jobs of
+the same session (training, tests): it is not a speed figure (about 6-7 s/window when the machine
+is otherwise idle).
 
 ## stories260K: RTN on the TinyStories held-out text (issue 2)
 
