@@ -68,7 +68,7 @@ class QuantSpec:
         if self.scale == "e8m0" and self.fmt == IntFormat(1):
             raise ValueError("1-bit binary codes cannot use e8m0 scales; use fp16 scales")
         if isinstance(self.granularity, GGUFBlock):
-            if not isinstance(self.fmt, IntFormat) or self.scale != "e8m0" and self.scale != "fp16":
+            if not isinstance(self.fmt, IntFormat):
                 raise ValueError("GGUF two-level blocks are defined for integer formats only")
             if self.scale == "e8m0" or self.clip_search:
                 raise ValueError("GGUF blocks use their own quantized sub-block scales; drop e8m0/clip search")
@@ -313,8 +313,9 @@ def fake_quantize(x: Tensor, spec: QuantSpec, qp: QParams | None = None,
     The gradient w.r.t. ``x`` is 1 where ``x`` fell inside the representable range, else 0.
     """
     if qp is None:
-        qp = compute_qparams(x, spec)
-    _check_input(x.detach(), spec)
+        qp = compute_qparams(x, spec)  # checks the input too
+    else:
+        _check_input(x.detach(), spec)
     xg, lay = to_groups(x.detach().float(), spec.granularity, qp.perm)
     q, inside = _q_grouped(xg, qp, spec, generator)
     y = ungroup(_dq_grouped(q, qp, spec), lay).to(x.dtype)
