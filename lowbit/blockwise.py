@@ -1,0 +1,100 @@
+"""The block-by-block loop that GPTQ, AWQ, OmniQuant and tiled QAT share; no tracing.
+
+1. :func:`capture_inputs` runs the model on calibration batches until the first decoder block and
+   records what that block receives: the hidden states of each batch and the keyword arguments
+   (attention mask, position embeddings, ...), which depend only on the batch shape.
+2. :func:`for_each_block` visits the blocks in order. For block ``i`` it calls
+   ``fn(i, block, inputs)`` (which may change the block, e.g. quantize it), then feeds the inputs
+   through the (changed) block to get the next block's inputs. Only the current block is moved to
+   ``device``; the others stay where they are. So a quantized prefix feeds the next block, as in
+   GPTQ's ``llama_sequential``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .models import arch_of, blocks, get_module
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, batches: list[Tensor]) -> tuple[list[Tensor], dict]:
+    """Hidden states entering the first decoder block for each batch of ids, and its kwargs."""
+    first = blocks(model)[0]
+    hidden: list[Tensor] = []
+    kwargs: dict = {}
+
+    def hook(mod, args, kw):
+        hidden.append((args[0] if args else kw["hidden_states"]).detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for ids in batches:
+            try:
+                model(ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return hidden, kwargs
+
+
+def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
+    """One decoder block's output hidden states (blocks return a tensor or a tuple)."""
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
+                   fn: Callable[[int, nn.Module, list[Tensor]], None] | None = None,
+                   device: torch.device | str | None = None) -> list[Tensor]:
+    """Visit every block in order (see the module docstring); returns the last block's outputs."""
+    for i, block in enumerate(blocks(model)):
+        home = next(block.parameters()).device
+        dev = torch.device(device) if device is not None else home
+        block.to(dev)
+        xs = [x.to(dev) for x in inputs]
+        kw = {k: _to(v, dev) for k, v in kwargs.items()}
+        if fn is not None:
+            fn(i, block, xs)
+        with torch.no_grad():
+            inputs = [run_block(block, x, kw) for x in xs]
+        block.to(home)
+    return inputs
+
+
+def _to(v, dev):
+    if isinstance(v, Tensor):
+        return v.to(dev)
+    if isinstance(v, tuple):
+        return tuple(_to(t, dev) for t in v)
+    return v
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """Final norm and output head applied to the last block's output."""
+    arch = arch_of(model)
+    h = get_module(model, arch.final_norm)(hidden)
+    proj = getattr(getattr(model, "model", None), "decoder", None)
+    if proj is not None and getattr(proj, "project_out", None) is not None:  # OPT-350m style
+        h = proj.project_out(h)
+    logits = get_module(model, arch.head)(h)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:  # Gemma 2
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
