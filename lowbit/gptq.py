@@ -1,0 +1,110 @@
+"""GPTQ (Frantar et al. 2022, arXiv 2210.17323): quantize a weight column by column, pushing each
+column's rounding error onto the columns not yet quantized, weighted by the inverse Hessian.
+
+Minimises the layer's output error ``||W X - Q X||^2 = tr((W - Q) H (W - Q)^T)`` with ``H = 2 X X^T``
+(``X``: the layer inputs, one column per token). With ``U`` the upper Cholesky factor of ``H^-1``:
+
+    for each column i:   q_i = quant(w_i);   e = (w_i - q_i) / U_ii;   W[:, j>i] -= e * U[i, j>i]
+
+done in blocks of ``block_size`` columns with a lazy update of the rest (same result, fewer
+passes over W). Options as in the reference code: damping ``percdamp * mean(diag H)``, dead inputs
+(``H_ii = 0``) zeroed, ``act_order`` (columns by decreasing ``H_ii``) with static groups (every
+group's scale computed from the original W, so groups stay contiguous and the stored layout is the
+plain ``PerGroup`` one), and groups formed from the *updated* W otherwise.
+
+Works for any uniform or table format of lowbit with per-channel or per-group scales.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .granularity import PerChannel, PerGroup
+from .quantizer import QParams, QuantizedWeight, QuantSpec, _dq_grouped, _q_grouped, compute_qparams, quantize
+
+
+def accumulate_hessian(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
+    """Running ``H = 2/n * sum X^T X`` over batches; ``x`` is ``(m sequences, tokens, in)`` or ``(tokens, in)``."""
+    m = x.shape[0] if x.dim() == 3 else 1
+    x = x.reshape(-1, x.shape[-1]).double()
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    H = H * (n / (n + m))
+    n += m
+    x = x * (2 / n) ** 0.5
+    return H + x.T @ x, n
+
+
+def _group_params(W: Tensor, spec: QuantSpec) -> QParams:
+    """qparams of the columns of ``W`` (one group) in the ``(R, 1, 1)`` layout."""
+    return compute_qparams(W, replace(spec, granularity=PerChannel()))
+
+
+def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
+         act_order: bool = False, static_groups: bool = True) -> QuantizedWeight:
+    """Quantize ``W`` (out, in) given the input Hessian ``H`` (in, in); see the module docstring."""
+    gran = spec.granularity
+    if not isinstance(gran, (PerChannel, PerGroup)):
+        raise ValueError(f"GPTQ supports per-channel and per-group scales, not {type(gran).__name__}")
+    if spec.rounding != "nearest":
+        raise ValueError("GPTQ rounds to nearest; drop stochastic rounding")
+    W = W.detach().clone().float()
+    R, C = W.shape
+    H = H.detach().clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    gs = gran.size if isinstance(gran, PerGroup) else C
+    G = -(-C // gs)
+    scale = torch.empty(R, G, 1)
+    zero = torch.empty(R, G, 1) if spec.is_uniform else None
+    if isinstance(gran, PerChannel) or (act_order and static_groups):
+        full = compute_qparams(W, spec)  # from the original W: groups stay contiguous
+        scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
+        have = torch.ones(G, dtype=torch.bool)
+    else:
+        if act_order:
+            raise ValueError("act_order with groups needs static_groups=True (contiguous groups)")
+        have = torch.zeros(G, dtype=torch.bool)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(C)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype)
+    try:
+        L = torch.linalg.cholesky(H)
+        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    except RuntimeError:
+        raise ValueError(f"the Hessian is not positive definite even with percdamp={percdamp}; "
+                         "raise percdamp (e.g. 0.1) or use more calibration samples") from None
+
+    Q = torch.zeros_like(W)
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // gs
+            if not have[g]:  # natural order: the group starts here; fit it on the updated weights
+                rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, : min(gs, C - col)]
+                qp = _group_params(rest, spec)
+                scale[:, g], have[g] = qp.scale[:, 0], True
+                if zero is not None:
+                    zero[:, g] = qp.zero[:, 0]
+            qp = QParams(scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1])
+            w = W1[:, i]
+            q, _ = _q_grouped(w.view(R, 1, 1), qp, spec, None)
+            qcol = _dq_grouped(q, qp, spec).view(R)
+            Q[:, i1 + i] = qcol
+            err = (w - qcol) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q = Q[:, inv]
+    qp = QParams(scale, zero)
+    return QuantizedWeight(quantize(Q, qp, spec), qp, spec)
