@@ -287,6 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     Returns ``{"losses", "heldout_ppl", "steps", "wall_s", "tokens_seen"}`` where ``steps`` is the
     number of optimisation steps done so far and ``wall_s`` the training time summed over resumes.
     """
+    meta = run_metadata()  # the code that runs is the code imported now
     out = Path(cfg.out)
     has_ckpt = (out / STATE).is_file()
     if has_ckpt and not resume:
@@ -396,7 +397,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     _atomic_json({"config": _config_dict(cfg), "seed": cfg.seed, "losses": losses, "evals": evals,
                   "heldout_ppl": heldout_ppl, "heldout_windows": cfg.eval_windows, "steps": step,
                   "finished": step == cfg.steps, "tokens_seen": result["tokens_seen"], "wall_s": wall_s,
-                  **run_metadata()},
+                  **meta},
                  out / "train_log.json")
     log.info("stopped at step %d/%d: held-out ppl %.3f, %.1f s", step, cfg.steps, heldout_ppl, wall_s)
     return result
