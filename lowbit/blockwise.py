@@ -4,7 +4,7 @@
    records what that block receives: the hidden states of each batch and the keyword arguments
    (attention mask, position embeddings, ...), which depend only on the batch shape.
 2. :func:`for_each_block` visits the blocks in order. For block ``i`` it calls
-   ``fn(i, block, inputs)`` (which may change the block, e.g. quantize it), then feeds the inputs
+   ``fn(i, block, inputs, kwargs)`` (which may change the block, e.g. quantize it), then feeds the inputs
    through the (changed) block to get the next block's inputs. Only the current block is moved to
    ``device``; the others stay where they are. So a quantized prefix feeds the next block, as in
    GPTQ's ``llama_sequential``.
@@ -60,7 +60,7 @@ def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 
 @torch.no_grad()
 def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
-                   fn: Callable[[int, nn.Module, list[Tensor]], None] | None = None,
+                   fn: Callable[[int, nn.Module, list[Tensor], dict], None] | None = None,
                    device: torch.device | str | None = None) -> list[Tensor]:
     """Visit every block in order (see the module docstring); returns the last block's outputs."""
     for i, block in enumerate(blocks(model)):
@@ -70,7 +70,7 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
         xs = [x.to(dev) for x in inputs]
         kw = {k: _to(v, dev) for k, v in kwargs.items()}
         if fn is not None:
-            fn(i, block, xs)
+            fn(i, block, xs, kw)
         with torch.no_grad():
             inputs = [run_block(block, x, kw) for x in xs]
         block.to(home)

@@ -23,6 +23,7 @@ import time
 from .config import FORMAT_NAMES, GRANULARITY_NAMES, QuantConfig, parse_spec
 
 log = logging.getLogger("lowbit")
+DATA_METHODS = ("gptq",)  # methods that need calibration data
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(q, "a", "activations", "token", sym_flag="asym")
     _add_spec_args(q, "embed", "embeddings", "channel")
     _add_spec_args(q, "head", "head", "channel")
+    c = q.add_argument_group("calibration (methods that use data, e.g. gptq)")
+    c.add_argument("--calib", default="c4", help="c4 (documents 1100+ of the C4 sample) or a text file")
+    c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    c.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the eval seqlen)")
+    c.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
+    c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--skip", default="", help="comma-separated Linear names inside a block to keep in float, e.g. mlp.down_proj")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default=None, help="save the quantized model to this folder")
@@ -176,8 +183,18 @@ def cmd_quantize(a) -> dict:
         fp_tasks = [t for t in tasks if t != "kl"]
         record["fp_metrics"] = evaluate(fp_model, tok, fp_tasks, a.seqlen, a.max_windows, progress=not a.quiet)
         _print_results(f"{model_name(a.model)} (float)", record["fp_metrics"], size_report(fp_model))
+    calib = None
+    if cfg.method in DATA_METHODS:
+        from .calib import calibration_batches
+        from .eval import default_seqlen
+
+        cl = a.calib_seqlen or default_seqlen(model, a.seqlen)
+        calib = calibration_batches(tok, a.calib, a.nsamples, cl, seed=a.seed)
+        cfg.extra.update(percdamp=a.percdamp, act_order=a.act_order)
+        record["calibration"] = {"source": a.calib, "nsamples": a.nsamples, "seqlen": cl, "seed": a.seed}
+    record["config"] = cfg.to_dict()
     t0 = time.time()
-    quantize_model(model, cfg, progress=not a.quiet)
+    quantize_model(model, cfg, calib=calib, progress=not a.quiet)
     record["quant_wall_s"] = time.time() - t0
     rep = size_report(model)
     record["bits"] = rep

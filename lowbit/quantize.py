@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .models import arch_of, get_module, set_module, tied_embeddings
+from .models import arch_of, blocks as blocks_of, get_module, set_module, tied_embeddings
 from .qmodules import QuantEmbedding, QuantLinear, quant_modules, replace_modules
 
 log = logging.getLogger(__name__)
@@ -133,3 +133,45 @@ def rtn(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -
             if isinstance(m, QuantLinear) and not m.frozen and m.w_spec is not None]
     for m in tqdm(mods, desc="rtn", disable=not progress, unit="layer"):
         m.freeze()
+
+
+@register("gptq")
+def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
+    """GPTQ, block by block and true-sequentially: within a block, each group of Linears that share an
+    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts."""
+    from .blockwise import capture_inputs, for_each_block, run_block
+    from .gptq import accumulate_hessian, gptq
+
+    if calib is None:
+        raise ValueError("gptq needs calibration data: pass --calib c4 (or a text file)")
+    arch = arch_of(model)
+    opts = {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+    hidden, kwargs = capture_inputs(model, list(calib.split(1)))
+    bar = tqdm(total=len(blocks_of(model)), desc="gptq", disable=not progress, unit="block")
+
+    def quantize_block(i: int, block: nn.Module, xs: list[torch.Tensor], kw: dict) -> None:
+        for group in arch.sequential:
+            mods = {n: block.get_submodule(n) for n in group}
+            mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
+                    and not m.frozen}
+            if not mods:
+                continue
+            acc = {n: [None, 0] for n in mods}
+
+            def hook(name):
+                def f(mod, inp, out):
+                    acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], inp[0].detach())
+                return f
+
+            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+            with torch.no_grad():
+                for x in xs:
+                    run_block(block, x, kw)
+            for h in handles:
+                h.remove()
+            for n, m in mods.items():
+                m.freeze(gptq(m.weight, acc[n][0], m.w_spec, **opts))
+        bar.update(1)
+
+    for_each_block(model, hidden, kwargs, quantize_block)
+    bar.close()

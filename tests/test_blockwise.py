@@ -17,7 +17,7 @@ def test_blockwise_forward_equals_model(arch):
     hidden, kwargs = capture_inputs(model, batches)
     assert len(hidden) == 2 and hidden[0].shape == (2, 24, 64)
     seen = []
-    outs = for_each_block(model, hidden, kwargs, fn=lambda i, blk, xs: seen.append(i))
+    outs = for_each_block(model, hidden, kwargs, fn=lambda i, blk, xs, kw: seen.append(i))
     assert seen == list(range(model.config.num_hidden_layers))
     for ids, h in zip(batches, outs):
         torch.testing.assert_close(head_logits(model, h), model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -33,7 +33,7 @@ def test_quantized_prefix_feeds_the_next_block():
     ids = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(3))]
     hidden, kwargs = capture_inputs(model, ids)
 
-    def quantize_block(i, block, xs):
+    def quantize_block(i, block, xs, kw):
         names = replace_modules(block, lambda m, n: QuantLinear.from_linear(m, spec),
                                 lambda m, n: isinstance(m, torch.nn.Linear) and not isinstance(m, QuantLinear))
         assert len(names) == 7
