@@ -6,14 +6,17 @@
   windows start at random offsets (GPTQ draws random windows from random C4 documents; the sample's
   documents are mostly shorter than 2048 tokens, hence the joining).
 * any other name is a path to a text file, tokenized in one call.
-
-Data-free methods use none of this: they calibrate on text the model generates itself.
+* ``self``: no data at all. The float model writes the windows itself (METHODS.md 6.1, LLM-QAT
+  style): BOS, a first token drawn uniformly from the non-special vocabulary, 3 greedy tokens, then
+  sampling at temperature 1 from the top 50, all seeded. This lets PTQ methods run data-free too.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from .data import C4_EVAL_DOCS, c4_documents
 from .tokenizer import Tokenizer
@@ -34,9 +37,29 @@ def calibration_text_ids(source: str, tok: Tokenizer) -> torch.Tensor:
     return torch.tensor(tok.encode(p.read_text(encoding="utf-8"), add_bos=True), dtype=torch.long)
 
 
+def self_generated_batches(model: nn.Module, tok: Tokenizer, n: int = 128, seqlen: int = 2048, seed: int = 0,
+                           batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+    """``(n, seqlen)`` token ids sampled from ``model`` itself from an empty prompt (no data)."""
+    from .sampling import sample_ids
+
+    vocab = min(tok.vocab_size, model.config.vocab_size)
+    pool = torch.tensor(sorted(set(range(vocab)) - tok.special_ids()))
+    out = []
+    for b in tqdm(range(0, n, batch_size), desc="self-calibration", disable=not progress, unit="batch"):
+        m = min(batch_size, n - b)
+        out.append(sample_ids(model, m, seqlen, seed=seed * 100003 + b, bos_id=tok.bos_id, first_token_pool=pool,
+                              greedy_prefix=3, temperature=1.0, top_k=50, vocab_size=vocab))
+    return torch.cat(out)
+
+
 def calibration_batches(tok: Tokenizer, source: str = "c4", n: int = 128, seqlen: int = 2048,
-                        seed: int = 0) -> torch.Tensor:
-    """``(n, seqlen)`` token ids from random offsets of the source, reproducible from ``seed``."""
+                        seed: int = 0, model: nn.Module | None = None) -> torch.Tensor:
+    """``(n, seqlen)`` token ids from random offsets of the source, reproducible from ``seed``.
+    ``source="self"`` samples them from ``model`` (see the module docstring)."""
+    if source == "self":
+        if model is None:
+            raise ValueError("calibration source 'self' needs the model that generates the text")
+        return self_generated_batches(model, tok, n, seqlen, seed)
     ids = calibration_text_ids(source, tok)
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration source {source!r} has {ids.numel()} tokens, fewer than one window of "

@@ -23,7 +23,41 @@ import time
 from .config import FORMAT_NAMES, GRANULARITY_NAMES, QuantConfig, parse_spec
 
 log = logging.getLogger("lowbit")
-DATA_METHODS = ("gptq",)  # methods that need calibration data
+
+
+def _parse_opts(items: list[str]) -> dict:
+    """``["alpha=0.5", "epochs=2", "act_order=true"]`` -> typed dict (int, float, bool or str)."""
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--opt {it!r}: expected KEY=VALUE, e.g. --opt alpha=0.5")
+        k, v = (t.strip() for t in it.split("=", 1))
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        for typ in (int, float):
+            try:
+                out[k] = typ(v)
+                break
+            except ValueError:
+                pass
+        else:
+            out[k] = v
+    return out
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if name.startswith("cuda"):  # fp32 means fp32: no TF32 in matmuls (reproducible Hessians, fair perplexity)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return name
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -76,20 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model (and optionally evaluate and save it)")
     q.add_argument("model", help="short name (stories260k, smollm2-135m), folder, .gguf, llama2.c .bin or hub id")
-    q.add_argument("--method", default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--method", default="rtn",
+                   help="rtn, gptq, awq, hqq, omniquant, spqr, bcq, or a recipe of transforms then one solver, "
+                        "e.g. quarot,gptq or smoothquant,rtn (default rtn)")
+    q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting, repeatable (e.g. --opt alpha=0.5 --opt epochs=20); recorded in the config")
     q.add_argument("--tokenizer", default=None, help="tokenizer path, if not beside the model")
     _add_spec_args(q, "w", "weights", "channel")
     _add_spec_args(q, "a", "activations", "token", sym_flag="asym")
     _add_spec_args(q, "embed", "embeddings", "channel")
     _add_spec_args(q, "head", "head", "channel")
     c = q.add_argument_group("calibration (methods that use data, e.g. gptq)")
-    c.add_argument("--calib", default="c4", help="c4 (documents 1100+ of the C4 sample) or a text file")
+    c.add_argument("--calib", default="c4",
+                   help="c4 (documents 1100+ of the C4 sample), a text file, or 'self' (text the float model "
+                        "generates: no data)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the eval seqlen)")
     c.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
     c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
     q.add_argument("--skip", default="", help="comma-separated Linear names inside a block to keep in float, e.g. mlp.down_proj")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--out", default=None, help="save the quantized model to this folder")
     q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors that stay unquantized in the saved folder")
@@ -101,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", default=None)
     e.add_argument("--fp-model", default=None, help="float reference for the kl task")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when available)")
     _add_eval_args(e, "wikitext2")
 
     g = sub.add_parser("generate", help="sample text from a model")
@@ -166,31 +208,35 @@ def cmd_quantize(a) -> dict:
     from .eval import evaluate
     from .export import save_quantized
     from .models import load_model, model_name
-    from .quantize import quantize_model, validate_config
+    from .quantize import needs_calibration, quantize_model, validate_config
     from .results import run_metadata, write_json
     from .size import size_report
 
     cfg = QuantConfig(weight=_spec_from_args(a, "w", "channel"), act=_spec_from_args(a, "a", "token"),
                       embed=_spec_from_args(a, "embed", "channel"), head=_spec_from_args(a, "head", "channel"),
-                      method=a.method, seed=a.seed, skip=tuple(s for s in a.skip.split(",") if s))
+                      method=a.method, seed=a.seed, skip=tuple(s for s in a.skip.split(",") if s),
+                      extra=_parse_opts(a.opt))
+    device = _device(a.device)
     model, tok = load_model(a.model, tokenizer=a.tokenizer)
     validate_config(model, cfg)  # fail before any evaluation
+    model.to(device)
     tasks = _tasks(a)
     fp_model = copy.deepcopy(model) if (a.eval_fp or "kl" in tasks) else None
     record = {"model": model_name(a.model), "method": cfg.method, "config": cfg.to_dict(), "seed": a.seed,
-              "calibration": "none" if cfg.method == "rtn" else "see config"}
+              "calibration": "none (data-free)"}
     if a.eval_fp and tasks:
         fp_tasks = [t for t in tasks if t != "kl"]
         record["fp_metrics"] = evaluate(fp_model, tok, fp_tasks, a.seqlen, a.max_windows, progress=not a.quiet)
         _print_results(f"{model_name(a.model)} (float)", record["fp_metrics"], size_report(fp_model))
     calib = None
-    if cfg.method in DATA_METHODS:
+    if needs_calibration(cfg.method):
         from .calib import calibration_batches
         from .eval import default_seqlen
 
         cl = a.calib_seqlen or default_seqlen(model, a.seqlen)
-        calib = calibration_batches(tok, a.calib, a.nsamples, cl, seed=a.seed)
-        cfg.extra.update(percdamp=a.percdamp, act_order=a.act_order)
+        calib = calibration_batches(tok, a.calib, a.nsamples, cl, seed=a.seed, model=model)
+        if "gptq" in cfg.method or "spqr" in cfg.method:
+            cfg.extra = {"percdamp": a.percdamp, "act_order": a.act_order} | cfg.extra
         record["calibration"] = {"source": a.calib, "nsamples": a.nsamples, "seqlen": cl, "seed": a.seed}
     record["config"] = cfg.to_dict()
     t0 = time.time()
@@ -222,8 +268,10 @@ def cmd_eval(a) -> dict:
     from .results import run_metadata, write_json
     from .size import size_report
 
+    device = _device(a.device)
     model, tok = load_model(a.model, tokenizer=a.tokenizer)
-    fp_model = load_model(a.fp_model)[0] if a.fp_model else None
+    model.to(device)
+    fp_model = load_model(a.fp_model)[0].to(device) if a.fp_model else None
     res = evaluate(model, tok, _tasks(a), a.seqlen, a.max_windows, fp_model=fp_model, seed=a.seed,
                    progress=not a.quiet)
     rep = size_report(model)

@@ -19,9 +19,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .config import QuantConfig
 from .granularity import PerChannel, PerGroup
+from .models import arch_of, blocks as blocks_of
+from .qmodules import QuantLinear
+from .quantize import register
 from .quantizer import QParams, QuantizedWeight, QuantSpec, _dq_grouped, _q_grouped, compute_qparams, quantize
 
 
@@ -52,14 +57,15 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
         raise ValueError("GPTQ rounds to nearest; drop stochastic rounding")
     W = W.detach().clone().float()
     R, C = W.shape
-    H = H.detach().clone().double()
+    dev = W.device
+    H = H.detach().clone().double().to(dev)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     gs = gran.size if isinstance(gran, PerGroup) else C
     G = -(-C // gs)
-    scale = torch.empty(R, G, 1)
-    zero = torch.empty(R, G, 1) if spec.is_uniform else None
+    scale = torch.empty(R, G, 1, device=dev)
+    zero = torch.empty(R, G, 1, device=dev) if spec.is_uniform else None
     if isinstance(gran, PerChannel) or (act_order and static_groups):
         full = compute_qparams(W, spec)  # from the original W: groups stay contiguous
         scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
@@ -69,9 +75,10 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
             raise ValueError("act_order with groups needs static_groups=True (contiguous groups)")
         have = torch.zeros(G, dtype=torch.bool)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(C)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype)
+    perm = torch.argsort(torch.diag(H).cpu(), descending=True) if act_order else torch.arange(C)
+    pd = perm.to(dev)
+    W, H = W[:, pd], H[pd][:, pd]
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype, device=dev)
     try:
         L = torch.linalg.cholesky(H)
         U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
@@ -104,7 +111,46 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
-    inv = torch.argsort(perm)
+    inv = torch.argsort(pd)
     Q = Q[:, inv]
     qp = QParams(scale, zero)
     return QuantizedWeight(quantize(Q, qp, spec), qp, spec)
+
+
+@register("gptq", needs_data=True)
+def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
+    """GPTQ, block by block and true-sequentially: within a block, each group of Linears that share an
+    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts."""
+    from .blockwise import capture_inputs, for_each_block, run_block
+
+    arch = arch_of(model)
+    opts = {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+    hidden, kwargs = capture_inputs(model, list(calib.split(1)))
+    bar = tqdm(total=len(blocks_of(model)), desc="gptq", disable=not progress, unit="block")
+
+    def quantize_block(i: int, block: nn.Module, xs: list[torch.Tensor], kw: dict) -> None:
+        for group in arch.sequential:
+            mods = {n: block.get_submodule(n) for n in group}
+            mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
+                    and not m.frozen}
+            if not mods:
+                continue
+            acc = {n: [None, 0] for n in mods}
+
+            def hook(name):
+                def f(mod, inp, out):
+                    acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], inp[0].detach())
+                return f
+
+            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+            with torch.no_grad():
+                for x in xs:
+                    run_block(block, x, kw)
+            for h in handles:
+                h.remove()
+            for n, m in mods.items():
+                m.freeze(gptq(m.weight, acc[n][0], m.w_spec, **opts))
+        bar.update(1)
+
+    for_each_block(model, hidden, kwargs, quantize_block)
+    bar.close()

@@ -26,14 +26,53 @@ log = logging.getLogger(__name__)
 
 Algorithm = Callable[..., None]
 ALGORITHMS: dict[str, Algorithm] = {}
+# methods that live in their own module register themselves when it is imported (on first use)
+METHOD_MODULES = {"gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant", "quarot": "quarot", "hqq": "hqq",
+                  "omniquant": "omniquant", "spqr": "spqr", "bcq": "bcq"}
 
 
-def register(name: str) -> Callable[[Algorithm], Algorithm]:
+def register(name: str, *, needs_data: bool = False, kind: str = "solver") -> Callable[[Algorithm], Algorithm]:
+    """Register a method. ``kind``: "solver" (rounds weights and freezes them) or "transform" (an
+    equivalence transform of the float model, e.g. smoothing or rotation, run before a solver).
+    ``needs_data``: the method uses calibration batches."""
     def deco(fn: Algorithm) -> Algorithm:
+        fn.needs_data, fn.kind = needs_data, kind
         ALGORITHMS[name] = fn
         return fn
 
     return deco
+
+
+def recipe_steps(method: str) -> list[str]:
+    """``"quarot,gptq"`` -> ``["quarot", "gptq"]``; a one-line error names unknown steps."""
+    steps = [s.strip().lower() for s in method.split(",") if s.strip()]
+    if not steps:
+        raise ValueError("empty method: give a method name such as rtn or gptq, or a recipe such as quarot,gptq")
+    for s in steps:
+        get_algorithm(s)
+    solvers = [s for s in steps if get_algorithm(s).kind == "solver"]
+    if len(solvers) > 1:
+        raise ValueError(f"recipe {method!r} has {len(solvers)} rounding solvers ({', '.join(solvers)}); keep one, "
+                         "last (transforms first, e.g. quarot,gptq)")
+    if solvers and steps[-1] != solvers[0]:
+        raise ValueError(f"recipe {method!r}: the solver {solvers[0]} must come last (transforms first)")
+    return steps
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in ALGORITHMS and name in METHOD_MODULES:
+        import importlib
+
+        importlib.import_module(f"{__package__}.{METHOD_MODULES[name]}")
+    if name not in ALGORITHMS:
+        known = sorted(set(ALGORITHMS) | set(METHOD_MODULES))
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(known)} (or a recipe such as quarot,gptq)")
+    return ALGORITHMS[name]
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether any step of the recipe uses calibration data."""
+    return any(get_algorithm(s).needs_data for s in recipe_steps(method))
 
 
 def block_linear_filter(model: nn.Module, skip: tuple[str, ...] = ()) -> Callable[[nn.Module, str], bool]:
@@ -81,8 +120,7 @@ def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
     """Check that ``cfg`` fits ``model``'s shapes before any work is done (one-line ValueErrors)."""
     from .granularity import check_fits
 
-    if cfg.method not in ALGORITHMS:
-        raise ValueError(f"unknown method {cfg.method!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    recipe_steps(cfg.method)
     if cfg.weight is None and cfg.act is None and cfg.embed is None and cfg.head is None:
         raise ValueError("nothing to quantize: give a weight, activation, embedding or head spec")
     filt = block_linear_filter(model, cfg.skip)
@@ -109,18 +147,28 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
                    progress: bool = True) -> nn.Module:
     """Quantize ``model`` in place according to ``cfg`` and return it.
 
-    ``calib`` (token ids, ``(n, seqlen)``) is passed to methods that need data; RTN ignores it.
-    The config is attached as ``model.lowbit_config`` so that :func:`lowbit.export.save_quantized`
-    can write it beside the weights.
+    ``cfg.method`` is one method or a recipe (``"quarot,gptq"``, ``"awq,rtn"``): transforms run in
+    order on the float weights, then the solver rounds them; anything a recipe leaves unrounded is
+    rounded to nearest. ``calib`` (token ids, ``(n, seqlen)``) goes to the steps that need data.
+    Methods work on the device the model is on. The config is attached as ``model.lowbit_config``
+    so that :func:`lowbit.export.save_quantized` can write it beside the weights.
     """
     validate_config(model, cfg)
+    steps = recipe_steps(cfg.method)
+    if calib is None and needs_calibration(cfg.method):
+        need = [s for s in steps if get_algorithm(s).needs_data]
+        raise ValueError(f"{', '.join(need)} needs calibration data: pass --calib c4 (or a text file, or 'self' "
+                         "for text the model generates)")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if cfg.weight is not None or cfg.act is not None:
         replace_modules(model, lambda m, n: QuantLinear.from_linear(m, cfg.weight, cfg.act),
                         block_linear_filter(model, cfg.skip))
+    for step in steps:
+        get_algorithm(step)(model, cfg, calib=calib, progress=progress)
+    if steps[-1] != "rtn":
+        rtn(model, cfg, progress=False)  # whatever the recipe left unrounded (a no-op after a solver)
     _quantize_embeddings(model, cfg)
-    ALGORITHMS[cfg.method](model, cfg, calib=calib, progress=progress)
     model.lowbit_config = cfg
     log.info("quantized with %s in %.1fs", cfg.describe(), time.time() - t0)
     return model
@@ -133,45 +181,3 @@ def rtn(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -
             if isinstance(m, QuantLinear) and not m.frozen and m.w_spec is not None]
     for m in tqdm(mods, desc="rtn", disable=not progress, unit="layer"):
         m.freeze()
-
-
-@register("gptq")
-def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
-    """GPTQ, block by block and true-sequentially: within a block, each group of Linears that share an
-    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts."""
-    from .blockwise import capture_inputs, for_each_block, run_block
-    from .gptq import accumulate_hessian, gptq
-
-    if calib is None:
-        raise ValueError("gptq needs calibration data: pass --calib c4 (or a text file)")
-    arch = arch_of(model)
-    opts = {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
-    hidden, kwargs = capture_inputs(model, list(calib.split(1)))
-    bar = tqdm(total=len(blocks_of(model)), desc="gptq", disable=not progress, unit="block")
-
-    def quantize_block(i: int, block: nn.Module, xs: list[torch.Tensor], kw: dict) -> None:
-        for group in arch.sequential:
-            mods = {n: block.get_submodule(n) for n in group}
-            mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
-                    and not m.frozen}
-            if not mods:
-                continue
-            acc = {n: [None, 0] for n in mods}
-
-            def hook(name):
-                def f(mod, inp, out):
-                    acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], inp[0].detach())
-                return f
-
-            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-            with torch.no_grad():
-                for x in xs:
-                    run_block(block, x, kw)
-            for h in handles:
-                h.remove()
-            for n, m in mods.items():
-                m.freeze(gptq(m.weight, acc[n][0], m.w_spec, **opts))
-        bar.update(1)
-
-    for_each_block(model, hidden, kwargs, quantize_block)
-    bar.close()

@@ -29,7 +29,7 @@ def filter_logits(logits: Tensor, top_p: float = 1.0, top_k: int = 0) -> Tensor:
 @torch.inference_mode()
 def sample_ids(model: nn.Module, n: int, length: int, *, seed: int = 0, bos_id: int | None = None,
                first_token_pool: Tensor | None = None, greedy_prefix: int = 0, temperature: float = 1.0,
-               top_p: float = 1.0, vocab_size: int | None = None) -> Tensor:
+               top_p: float = 1.0, top_k: int = 0, vocab_size: int | None = None) -> Tensor:
     """``n`` sequences of ``length`` ids each (BOS included when given), shape ``(n, length)``."""
     gen = torch.Generator().manual_seed(seed)
     vocab_size = vocab_size or model.config.vocab_size
@@ -45,7 +45,7 @@ def sample_ids(model: nn.Module, n: int, length: int, *, seed: int = 0, bos_id: 
         if step < greedy_prefix or temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_p), -1)
+            probs = torch.softmax(filter_logits(logits / temperature, top_p, top_k), -1)
             nxt = torch.multinomial(probs.cpu(), 1, generator=gen)[:, 0].to(device)
         seq = torch.cat([seq, nxt[:, None]], 1)
         out = model(nxt[:, None], past_key_values=past, use_cache=True)
