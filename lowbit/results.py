@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from . import __version__
 
 
 def git_commit() -> str:
-    """The commit of the lowbit checkout (``+dirty`` when its code has uncommitted changes)."""
+    """The commit of the lowbit checkout (``+dirty`` when its code has uncommitted changes).
+    ``LOWBIT_COMMIT`` names it for copies of a checkout without ``.git`` (e.g. a GPU machine)."""
+    if os.environ.get("LOWBIT_COMMIT"):
+        return os.environ["LOWBIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -32,6 +36,15 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_mb(device: str | torch.device | None = None) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on a GPU, else the max resident set size."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_metadata() -> dict:
