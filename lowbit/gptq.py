@@ -86,6 +86,7 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
         raise ValueError(f"the Hessian is not positive definite even with percdamp={percdamp}; "
                          "raise percdamp (e.g. 0.1) or use more calibration samples") from None
 
+    qmax = spec.fmt.qmax if spec.is_uniform else None
     Q = torch.zeros_like(W)
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
@@ -101,10 +102,14 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
                 scale[:, g], have[g] = qp.scale[:, 0], True
                 if zero is not None:
                     zero[:, g] = qp.zero[:, 0]
-            qp = QParams(scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1])
             w = W1[:, i]
-            q, _ = _q_grouped(w.view(R, 1, 1), qp, spec, None)
-            qcol = _dq_grouped(q, qp, spec).view(R)
+            if zero is not None:  # uniform grid: the same float ops as _q_grouped/_dq_grouped, fewer kernels
+                s_g, z_g = scale[:, g, 0], zero[:, g, 0]
+                qcol = s_g * (torch.clamp(torch.round(w / s_g + z_g), 0, qmax) - z_g)
+            else:
+                qp = QParams(scale[:, g:g + 1], None)
+                q, _ = _q_grouped(w.view(R, 1, 1), qp, spec, None)
+                qcol = _dq_grouped(q, qp, spec).view(R)
             Q[:, i1 + i] = qcol
             err = (w - qcol) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
@@ -120,11 +125,15 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
 @register("gptq", needs_data=True)
 def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
     """GPTQ, block by block and true-sequentially: within a block, each group of Linears that share an
-    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts."""
+    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts.
+
+    Settings (``cfg.extra``): ``percdamp`` (0.01), ``act_order`` (True: columns by decreasing Hessian
+    diagonal with static groups, the reference README's recommended setting; without it GPTQ can lose
+    to RTN on Llama-family models), ``block_size`` (128)."""
     from .blockwise import capture_inputs, for_each_block, run_block
 
     arch = arch_of(model)
-    opts = {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
     hidden, kwargs = capture_inputs(model, list(calib.split(1)))
     bar = tqdm(total=len(blocks_of(model)), desc="gptq", disable=not progress, unit="block")
 
@@ -135,22 +144,42 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
                     and not m.frozen}
             if not mods:
                 continue
-            acc = {n: [None, 0] for n in mods}
+            acc = [None, 0]  # the Linears of one group read the same input: one Hessian
 
-            def hook(name):
-                def f(mod, inp, out):
-                    acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], inp[0].detach())
-                return f
+            def hook(mod, inp, out):
+                acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], inp[0].detach())
 
-            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+            handle = next(iter(mods.values())).register_forward_hook(hook)
             with torch.no_grad():
                 for x in xs:
                     run_block(block, x, kw)
-            for h in handles:
-                h.remove()
-            for n, m in mods.items():
-                m.freeze(gptq(m.weight, acc[n][0], m.w_spec, **opts))
+            handle.remove()
+            for names, qws in _solve_shared_input(mods, acc[0], opts):
+                for n, q in zip(names, qws):
+                    mods[n].freeze(q)
         bar.update(1)
 
     for_each_block(model, hidden, kwargs, quantize_block)
     bar.close()
+
+
+def _split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Cut a quantized weight (per-channel / per-group layout) into row blocks."""
+    codes = qw.codes.split(sizes)
+    scales = qw.qparams.scale.split(sizes)
+    zeros = qw.qparams.zero.split(sizes) if qw.qparams.zero is not None else [None] * len(sizes)
+    return [QuantizedWeight(c, QParams(s, z), qw.spec) for c, s, z in zip(codes, scales, zeros)]
+
+
+def _solve_shared_input(mods: dict[str, QuantLinear], H: torch.Tensor, opts: dict):
+    """Linears that read the same input (q/k/v, gate/up) share one Hessian. GPTQ treats rows
+    independently given H (the column order and every update are per row), so stacking their
+    weights and solving once gives the same codes as solving each, with one column loop."""
+    specs = {m.w_spec for m in mods.values()}
+    if len(specs) == 1:
+        names = list(mods)
+        qw = gptq(torch.cat([mods[n].weight.detach() for n in names]), H, specs.pop(), **opts)
+        yield names, _split_rows(qw, [mods[n].weight.shape[0] for n in names])
+        return
+    for n, m in mods.items():
+        yield [n], [gptq(m.weight, H, m.w_spec, **opts)]
