@@ -190,7 +190,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="prefix of windows for rows not marked full split")
     ap.add_argument("--full-split", action="store_true", help="every row on the full split (a GPU makes it cheap)")
     ap.add_argument("--seqlen", type=int, default=None, help="default: min(2048, model context)")
-    ap.add_argument("--only", default=None, help="comma-separated labels (or label prefixes ending in *) to run")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated labels or patterns with * (e.g. 'gptq-*,*-w3-g128'), run in this order")
+    ap.add_argument("--stop-after", type=float, default=None,
+                    help="start no new setting after this many seconds (the rest resumes on the next run)")
     ap.add_argument("--calib", default="c4", help="calibration source for methods that need data: c4, self, a file")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=None, help="default: the evaluation window")
@@ -204,12 +207,21 @@ def main() -> None:
     device = _device(args.device)
     torch.manual_seed(args.seed)
     datasets = [d for d in args.datasets.split(",") if d]
-    only = [o for o in args.only.split(",") if o] if args.only else None
+    rows = GRIDS[args.grid]
+    if args.only:
+        import fnmatch
+
+        picked: list[Setting] = []
+        for pat in (o for o in args.only.split(",") if o):
+            picked += [s for s in rows if fnmatch.fnmatchcase(s.label, pat) and s not in picked]
+        rows = picked
+    t_start = time.time()
     meta = run_metadata()  # the code that runs is the code imported now, whatever changes on disk later
     calib = Calibration(args.calib, args.nsamples, args.calib_seqlen, args.seed)
-    for s in GRIDS[args.grid]:
-        if only and not any(s.label == o or (o.endswith("*") and s.label.startswith(o[:-1])) for o in only):
-            continue
+    for s in rows:
+        if args.stop_after is not None and time.time() - t_start > args.stop_after:
+            print(f"stopping before {s.label}: --stop-after {args.stop_after:.0f}s reached", flush=True)
+            break
         path = Path(args.out) / f"{s.label}.json"
         if path.exists():
             print(f"skip {s.label} (exists)")

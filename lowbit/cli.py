@@ -78,6 +78,9 @@ def _add_spec_args(p: argparse.ArgumentParser, prefix: str, what: str, default_g
                        help="exponent rounding of e8m0 (MX) scales")
         g.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"])
         g.add_argument("--clip-search", action="store_true", help="MSE search of the clipping range per group")
+        g.add_argument("--zero-point", default="int", choices=["int", "float"],
+                       help="asymmetric int zero-points: b-bit integers (default) or fractional, stored in fp16 "
+                            "(HQQ's choice)")
 
 
 def _spec_from_args(a: argparse.Namespace, prefix: str, default_gran: str | None):
@@ -90,7 +93,7 @@ def _spec_from_args(a: argparse.Namespace, prefix: str, default_gran: str | None
         sym = not getattr(a, f"{prefix}_asym")
     if prefix == "w":
         return parse_spec(fmt, gran, symmetric=sym, scale=a.scale, scale_rounding=a.scale_rounding,
-                          rounding=a.rounding, clip_search=a.clip_search)
+                          rounding=a.rounding, clip_search=a.clip_search, zero_point=a.zero_point)
     return parse_spec(fmt, gran, symmetric=sym)
 
 
@@ -127,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the eval seqlen)")
     c.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
-    c.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    c.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ/SpQR: columns by decreasing Hessian diagonal, static groups (default on)")
     q.add_argument("--skip", default="", help="comma-separated Linear names inside a block to keep in float, e.g. mlp.down_proj")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

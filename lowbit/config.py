@@ -5,7 +5,8 @@ One spelling per concept:
 * formats: ``int1`` .. ``int8``, ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``,
   ``nf4``, ``pow2_<b>``; and the block-scaled presets ``mxfp8`` (E4M3), ``mxfp8_e5m2``, ``mxfp6``
   (E3M2), ``mxfp6_e2m3``, ``mxfp4``, ``mxint8`` (block 32, E8M0 scale, OCP MX v1.0) and ``bfp<b>``
-  (block floating point: b-bit integer mantissas, one shared power-of-two exponent per group).
+  (block floating point: b-bit integer mantissas, one shared power-of-two exponent per group);
+  ``bcq1`` .. ``bcq4`` (binary-coding quantization: q sign planes, q fp16 scales + an fp16 offset per group).
 * granularities: ``tensor``, ``channel``, ``g<size>`` (e.g. ``g128``), ``gguf`` or
   ``gguf<super>x<sub>s<bits>`` (``gguf256x32s6`` is the default, Q4_K-like), ``token``,
   ``peg<k>`` and ``peg<k>p`` (PEG with the range-sorted permutation).
@@ -15,7 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .formats import FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, NF4, FloatFormat, Format, IntFormat, PowerOfTwo
+from .formats import (BCQ, FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, NF4, FloatFormat, Format, IntFormat,
+                      PowerOfTwo)
 from .granularity import PEG, GGUFBlock, Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .quantizer import QuantSpec
 
@@ -24,7 +26,7 @@ MX_PRESETS: dict[str, Format] = {
     "mxfp8": FP8_E4M3, "mxfp8_e5m2": FP8_E5M2, "mxfp6": FP6_E3M2, "mxfp6_e2m3": FP6_E2M3,
     "mxfp4": FP4_E2M1, "mxint8": IntFormat(8),
 }
-FORMAT_NAMES = ["int1..int8", *_FLOATS, "nf4", "pow2_2..pow2_8", *MX_PRESETS, "bfp2..bfp8"]
+FORMAT_NAMES = ["int1..int8", *_FLOATS, "nf4", "pow2_2..pow2_8", *MX_PRESETS, "bfp2..bfp8", "bcq1..bcq4"]
 GRANULARITY_NAMES = ["tensor", "channel", "g<size>", "gguf", "gguf<super>x<sub>s<bits>", "token", "peg<k>", "peg<k>p"]
 
 
@@ -39,6 +41,8 @@ def parse_format(name: str) -> Format:
         return NF4()
     if m := re.fullmatch(r"pow2_(\d+)", n):
         return PowerOfTwo(int(m.group(1)))
+    if m := re.fullmatch(r"bcq(\d+)", n):
+        return BCQ(int(m.group(1)))
     raise ValueError(f"unknown format {name!r}; known formats: {', '.join(FORMAT_NAMES)}")
 
 
@@ -80,7 +84,8 @@ def format_to_str(f: Format) -> str:
 
 
 def parse_spec(fmt: str, granularity: str | None = None, *, symmetric: bool = False, scale: str | None = None,
-               scale_rounding: str = "floor", rounding: str = "nearest", clip_search: bool = False) -> QuantSpec:
+               scale_rounding: str = "floor", rounding: str = "nearest", clip_search: bool = False,
+               zero_point: str = "int") -> QuantSpec:
     """Build a :class:`QuantSpec` from CLI-style names; MX/BFP presets fill in block and scale."""
     n = fmt.strip().lower()
     if n in MX_PRESETS or (m := re.fullmatch(r"bfp(\d+)", n)):
@@ -89,10 +94,11 @@ def parse_spec(fmt: str, granularity: str | None = None, *, symmetric: bool = Fa
         if scale not in (None, "e8m0"):
             raise ValueError(f"{fmt} uses shared power-of-two (e8m0) scales; drop --scale {scale}")
         return QuantSpec(elem, gran, symmetric=True, scale="e8m0", scale_rounding=scale_rounding,
-                         rounding=rounding, clip_search=clip_search)
+                         rounding=rounding, clip_search=clip_search, zero_point=zero_point)
     gran = parse_granularity(granularity) if granularity else PerChannel()
     return QuantSpec(parse_format(n), gran, symmetric=symmetric, scale=scale or "fp16",
-                     scale_rounding=scale_rounding, rounding=rounding, clip_search=clip_search)
+                     scale_rounding=scale_rounding, rounding=rounding, clip_search=clip_search,
+                     zero_point=zero_point)
 
 
 def spec_to_str(s: QuantSpec) -> str:
@@ -101,6 +107,8 @@ def spec_to_str(s: QuantSpec) -> str:
         parts.append("sym" if s.symmetric else "asym")
     if s.scale != "fp16":
         parts.append(f"{s.scale}-{s.scale_rounding}")
+    if s.zero_point != "int":
+        parts.append("fp16-zero")
     if s.clip_search:
         parts.append("mse-clip")
     if s.rounding != "nearest":
@@ -111,13 +119,13 @@ def spec_to_str(s: QuantSpec) -> str:
 def spec_to_dict(s: QuantSpec) -> dict:
     return {"format": format_to_str(s.fmt), "granularity": granularity_to_str(s.granularity),
             "symmetric": s.symmetric, "scale": s.scale, "scale_rounding": s.scale_rounding,
-            "rounding": s.rounding, "clip_search": s.clip_search}
+            "rounding": s.rounding, "clip_search": s.clip_search, "zero_point": s.zero_point}
 
 
 def spec_from_dict(d: dict) -> QuantSpec:
     return QuantSpec(parse_format(d["format"]), parse_granularity(d["granularity"]), symmetric=d["symmetric"],
                      scale=d["scale"], scale_rounding=d["scale_rounding"], rounding=d["rounding"],
-                     clip_search=d["clip_search"])
+                     clip_search=d["clip_search"], zero_point=d.get("zero_point", "int"))
 
 
 @dataclass

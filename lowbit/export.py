@@ -8,9 +8,13 @@ Layout of an output folder::
     tokenizer files        whatever the tokenizer needs to load again
 
 For a quantized module ``m``: ``m.qweight`` holds the codes bit-packed at the format's width
-(:mod:`lowbit.packing`), and ``m.scale`` / ``m.scale_e8m0`` / ``m.zero`` / ``m.super_scale`` ...
-the scales in their stored form (:func:`lowbit.quantizer.qparams_to_tensors`). So the file size
-matches :func:`lowbit.size.size_report` up to byte padding and the safetensors header. Loading
+(:mod:`lowbit.packing`), and ``m.scale`` / ``m.scale_e8m0`` / ``m.zero`` (packed b-bit integers, or fp16
+when fractional and for BCQ's offsets; BCQ's ``m.scale`` holds its q fp16 alphas per group) / ``m.super_scale`` ...
+the scales in their stored form (:func:`lowbit.quantizer.qparams_to_tensors`); a SpQR sparse part is the
+buffers ``m.w_outlier_idx`` (int32) and ``m.w_outlier_val`` (fp16) (the dense codes at those positions
+are the rounding of the outlier values, recovered like the others). So the file size
+matches :func:`lowbit.size.size_report` up to byte padding (plus QuaRot's online rotation factors, the fp32
+buffers ``m.in_rot``, named with their kind in the module's ``in_rot`` entry) and the safetensors header. Loading
 reads only the JSON and the tensors (no pickle) and is bit-exact for the quantized weights; the
 other tensors are exact when saved with ``float_dtype=torch.float32``.
 """
@@ -52,6 +56,10 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer: Tokenizer | Non
         entry = {"kind": "embedding" if isinstance(m, QuantEmbedding) else "linear", "shape": list(m.weight.shape),
                  "spec": None if m.w_spec is None else spec_to_dict(m.w_spec),
                  "act": spec_to_dict(m.a_spec) if getattr(m, "a_spec", None) else None}
+        if getattr(m, "a_clip", 1.0) != 1.0:
+            entry["a_clip"] = m.a_clip
+        if getattr(m, "in_rot", None) is not None:  # online input rotation: the factor is the buffer in_rot
+            entry["in_rot"] = m.in_rot_inner
         if id(m.weight) in done:
             entry["tied_to"] = done[id(m.weight)]
         elif m.w_spec is not None:
@@ -116,6 +124,10 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
         act = None if entry["act"] is None else spec_from_dict(entry["act"])
         new = QuantEmbedding.from_embedding(old, spec) if entry["kind"] == "embedding" else \
             QuantLinear.from_linear(old, spec, act)
+        if entry.get("in_rot"):
+            new.set_input_transform(tensors[f"{name}.in_rot"], entry["in_rot"])
+        if "a_clip" in entry:
+            new.a_clip = entry["a_clip"]
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     state = {}
@@ -138,6 +150,8 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
             m.weight.copy_(dequantize(codes, qp, m.w_spec))
         m.set_qparams(qp)
         m.frozen = True
+        if f"{name}.w_outlier_idx" in tensors:  # SpQR sparse part: fp16 values written over the dense weight
+            m.set_outliers(tensors[f"{name}.w_outlier_idx"], tensors[f"{name}.w_outlier_val"])
     quantized = {id(m.weight) for m in quant_modules(model).values() if m.w_spec is not None}
     for name, p in model.named_parameters():
         if id(p) in quantized:

@@ -16,6 +16,10 @@ Tables are built exactly (METHODS.md section 2.4-2.5):
 * NF4 (QLoRA): the 16 normal-float levels, 7 negative and 8 positive non-zero values.
 * Power-of-two (logarithmic): ``{0} U {+-2^-k : k = 0 .. 2^(b-1) - 2}``.
 
+``BCQ(q)`` (binary-coding quantization, METHODS.md section 2.6) is neither: each group fits its own
+``2^q`` levels ``z + sum_i alpha_i b_i`` (``b_i = +-1``), so it has no fixed table; see
+:mod:`lowbit.quantizer` and :mod:`lowbit.bcq`.
+
 MX (OCP microscaling) and block floating point are *not* formats of their own: they are a
 table or integer format with a shared power-of-two (E8M0) scale per block of 32 (or any size),
 i.e. ``QuantSpec(fmt, PerGroup(32), scale="e8m0")``. See :func:`lowbit.config.parse_spec`.
@@ -131,7 +135,26 @@ class PowerOfTwo:
         return f"pow2_{self.bits}"
 
 
-Format = IntFormat | FloatFormat | NF4 | PowerOfTwo
+@dataclass(frozen=True)
+class BCQ:
+    """Binary-coding quantization with ``bits`` = q sign planes (1..4): ``w ~ sum_i alpha_i b_i + z``.
+
+    Per group: q fp16 scales ``alpha_i`` and one fp16 offset ``z``; per weight: q bits, packed into
+    one code with bit ``i`` = ``(b_i + 1) / 2``.
+    """
+
+    bits: int
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 4:
+            raise ValueError(f"BCQ needs 1..4 bit planes, got {self.bits!r}")
+
+    @property
+    def name(self) -> str:
+        return f"bcq{self.bits}"
+
+
+Format = IntFormat | FloatFormat | NF4 | PowerOfTwo | BCQ
 TableFormat = FloatFormat | NF4 | PowerOfTwo
 
 FP8_E4M3 = FloatFormat(4, 3, "fn")
@@ -156,6 +179,8 @@ def value_table(fmt: TableFormat) -> torch.Tensor:
     """The sorted representable values of a table format at unit scale (float32)."""
     if isinstance(fmt, IntFormat):
         raise TypeError("integer formats have no value table; they are uniform")
+    if isinstance(fmt, BCQ):
+        raise TypeError("BCQ levels are fitted per group; there is no fixed value table")
     return torch.tensor(_table(fmt), dtype=torch.float32)
 
 

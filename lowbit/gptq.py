@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .formats import BCQ
 from .granularity import PerChannel, PerGroup
 from .models import arch_of, blocks as blocks_of
 from .qmodules import QuantLinear
@@ -53,6 +54,8 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
     gran = spec.granularity
     if not isinstance(gran, (PerChannel, PerGroup)):
         raise ValueError(f"GPTQ supports per-channel and per-group scales, not {type(gran).__name__}")
+    if isinstance(spec.fmt, BCQ):
+        raise ValueError("GPTQ does not fit BCQ codes (per-group learned levels); use --method bcq, or an int format")
     if spec.rounding != "nearest":
         raise ValueError("GPTQ rounds to nearest; drop stochastic rounding")
     W = W.detach().clone().float()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hadamard import kron_transform
 from .quantizer import QParams, QuantizedWeight, QuantSpec, compute_qparams, fake_quantize, quantize_weight
 
 _QP_FIELDS = ("scale", "zero", "super_scale", "super_min")
@@ -73,6 +74,13 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(w_spec)
         self.a_spec = a_spec
+        self.a_clip = 1.0  # activation range ratio (QuaRot's a_clip_ratio): the scale is multiplied by it
+        # online input rotation (lowbit.quarot): x <- x @ (in_rot (x) M) before the activation quantizer
+        self.register_buffer("in_rot", None)
+        self.in_rot_inner = "hadamard"
+        # SpQR's sparse part (lowbit.spqr): int32 flat indices and fp16 values of weights kept in 16 bits
+        self.register_buffer("w_outlier_idx", None)
+        self.register_buffer("w_outlier_val", None)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec | None = None) -> "QuantLinear":
@@ -83,21 +91,59 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         q.bias = lin.bias
         return q
 
+    def set_outliers(self, idx: Tensor, val: Tensor) -> None:
+        """Keep the weights at flat positions ``idx`` in fp16 (call after :meth:`freeze`): ``weight`` holds
+        ``val`` there, over the dense dequantized values."""
+        self.w_outlier_idx = idx.to(device=self.weight.device, dtype=torch.int32)
+        self.w_outlier_val = val.to(device=self.weight.device, dtype=torch.float16)
+        with torch.no_grad():
+            self.weight.view(-1)[self.w_outlier_idx.long()] = self.w_outlier_val.to(self.weight.dtype)
+
     def to_linear(self) -> nn.Linear:
         with torch.device("meta"):
             lin = nn.Linear(self.in_features, self.out_features, self.bias is not None)
         lin.weight, lin.bias = self.weight, self.bias
         return lin
 
+    def set_input_transform(self, K: Tensor | None, inner: str = "hadamard") -> None:
+        """Rotate the input online, ``x <- x @ (K (x) M)`` (:func:`lowbit.hadamard.kron_transform`; ``M`` is
+        ``H_p / sqrt(p)`` or ``I_p`` by ``inner``), before the activation quantizer; None removes it. The
+        caller rotates ``weight`` to match (``W <- W (K (x) M)``). It runs as a forward pre-hook, so forward
+        hooks on this module (GPTQ's Hessian, calibration statistics) see the input the weight multiplies."""
+        if K is not None and (K.dim() != 2 or K.shape[0] != K.shape[1] or self.in_features % K.shape[0]
+                              or inner not in ("hadamard", "identity")):
+            raise ValueError(f"input rotation {tuple(K.shape)} ({inner}) does not fit {self.in_features} inputs")
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.in_rot = None if K is None else K.detach().to(self.weight.device, dtype)
+        self.in_rot_inner = inner
+        if K is not None and not getattr(self, "_in_rot_hooked", False):
+            self.register_forward_pre_hook(_rotate_input)
+            self._in_rot_hooked = True
+
     def forward(self, x: Tensor) -> Tensor:
         if self.a_spec is not None:
-            x = fake_quantize(x, self.a_spec)
+            qp = None
+            if self.a_clip != 1.0:  # shrink the range to a_clip of it: scale * a_clip, same zero-point
+                qp = compute_qparams(x, self.a_spec)
+                qp.scale = qp.scale * self.a_clip
+            x = fake_quantize(x, self.a_spec, qp)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         a = f", act={self.a_spec.describe()}" if self.a_spec else ""
+        a += f", a_clip={self.a_clip}" if self.a_clip != 1.0 else ""
+        if self.in_rot is not None:  # K (x) H_p or K (x) I_p
+            m = self.in_rot.shape[0]
+            a += f", in_rot=K{m}(x){'H' if self.in_rot_inner == 'hadamard' else 'I'}{self.in_features // m}"
         w = self.w_spec.describe() if self.w_spec else "float"
         return f"{self.in_features}, {self.out_features}, w={w}{a}, frozen={self.frozen}"
+
+
+def _rotate_input(mod: QuantLinear, args: tuple):
+    """Forward pre-hook of :meth:`QuantLinear.set_input_transform`."""
+    if mod.in_rot is None:
+        return None
+    return (kron_transform(args[0], mod.in_rot, mod.in_rot_inner), *args[1:])
 
 
 class QuantEmbedding(_QuantWeightMixin, nn.Embedding):

@@ -19,6 +19,17 @@ Scales are stored in fp16 (rounded here, so what is computed is exactly what is 
 (``ceil(log2(amax / max_elem))``, NVIDIA). GGUF blocks quantize the sub-block scales and mins to
 ``scale_bits`` bits against one fp16 scale per super-block: ``x_hat = d*sc*q - dmin*m``.
 
+Asymmetric integer specs may keep the zero-point fractional (``zero_point="float"``, as HQQ does):
+``z = -min x / s`` is then not rounded but stored in fp16 (16 bits per group instead of b).
+
+BCQ (binary-coding quantization, ``BCQ(q)``): each group has its own ``2^q`` levels
+``z + sum_i alpha_i b_i`` (``b_i = +-1``, q fp16 ``alpha`` in ``QParams.scale`` ``(R, G, q)``, the fp16
+offset in ``QParams.zero``); the code of a value is its nearest level, bit ``i`` of the code being
+``(b_i + 1) / 2``. ``compute_qparams`` fits them (:func:`bcq_fit`): the greedy residual init of
+METHODS.md 2.6 (around the mean and around the mid-range) and the min-max uniform grid, each refined
+by alternating least-squares ``(alpha, z)`` given the signs and nearest-level signs given
+``(alpha, z)``; each group keeps the best.
+
 ``fake_quantize(x) == dequantize(quantize(x))`` exactly in the forward pass; its backward is the
 straight-through estimator, zero where ``x`` was clipped. ``clip_search`` shrinks each group's
 range over a grid (GPTQ's ``mse=True``: ``p = 1 - i/100`` for ``i < 80``) and keeps the ratio with
@@ -28,17 +39,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
-from .formats import Format, FloatFormat, IntFormat, NF4, PowerOfTwo, code_bits, emax, max_value, value_table
+from .formats import BCQ, Format, FloatFormat, IntFormat, NF4, PowerOfTwo, code_bits, emax, max_value, value_table
 from .granularity import (ACT_GRANULARITIES, PEG, GGUFBlock, Granularity, GroupLayout, PerChannel, PerGroup,
                           PerTensor, PerToken, check_fits, num_groups, reduce_dims, to_groups, ungroup)
 
 SCALE_FORMATS = ("fp16", "e8m0")
 SCALE_ROUNDINGS = ("floor", "ceil", "even", "rceil")
 ROUNDINGS = ("nearest", "stochastic")
+ZERO_POINTS = ("int", "float")  # b-bit integer zero-points, or fractional ones stored in fp16
 FP16_TINY = 2.0**-24  # smallest fp16 subnormal: no stored scale is smaller
 
 
@@ -53,6 +66,7 @@ class QuantSpec:
     scale_rounding: str = "floor"
     rounding: str = "nearest"
     clip_search: bool = False
+    zero_point: str = "int"
 
     def __post_init__(self):
         if not isinstance(self.fmt, IntFormat) and not self.symmetric:
@@ -63,6 +77,19 @@ class QuantSpec:
             raise ValueError(f"unknown scale rounding {self.scale_rounding!r}; choose one of {SCALE_ROUNDINGS}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {ROUNDINGS}")
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"unknown zero-point kind {self.zero_point!r}; choose one of {ZERO_POINTS}")
+        if self.zero_point == "float" and (not isinstance(self.fmt, IntFormat) or self.symmetric
+                                           or isinstance(self.granularity, GGUFBlock)):
+            raise ValueError("fractional (fp16) zero-points need an asymmetric integer format with fp16 scales, "
+                             "not GGUF blocks; drop --zero-point float (or --sym)")
+        if isinstance(self.fmt, BCQ):
+            if not isinstance(self.granularity, (PerChannel, PerGroup)):
+                raise ValueError(f"BCQ supports per-channel and per-group (g<size>) granularity, "
+                                 f"not {type(self.granularity).__name__}")
+            if self.scale != "fp16" or self.clip_search or self.rounding != "nearest":
+                raise ValueError("BCQ fits fp16 scales and rounds to the nearest level; "
+                                 "drop e8m0 scales, clip search and stochastic rounding")
         if self.scale == "e8m0" and isinstance(self.fmt, IntFormat) and not self.symmetric:
             raise ValueError("power-of-two (e8m0) scales need a symmetric format; add --sym or use fp16 scales")
         if self.scale == "e8m0" and self.fmt == IntFormat(1):
@@ -98,7 +125,8 @@ class QuantSpec:
 
 @dataclass
 class QParams:
-    """Scales (and zero-points) in the grouped layout ``(R, G, 1)`` or ``(1, G, 1)``."""
+    """Scales (and zero-points) in the grouped layout ``(R, G, 1)`` or ``(1, G, 1)``; BCQ: ``scale`` holds
+    the q alphas ``(R, G, q)`` and ``zero`` the offsets ``(R, G, 1)``."""
 
     scale: Tensor
     zero: Tensor | None = None
@@ -126,6 +154,11 @@ class QuantizedWeight:
 # ----------------------------------------------------------------------------------------- scales
 def _round_scale_fp16(s: Tensor) -> Tensor:
     return s.clamp(FP16_TINY, 65504.0).half().float()
+
+
+def _round_fp16(t: Tensor) -> Tensor:
+    """A value stored in fp16 (zero-points, BCQ scales and offsets), kept as float32."""
+    return t.clamp(-65504.0, 65504.0).half().float()
 
 
 def _floor_log2(a: Tensor) -> Tensor:
@@ -192,7 +225,8 @@ def _params_from_range(xmin: Tensor, xmax: Tensor, spec: QuantSpec,
         scale = (xmax - xmin) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         scale = _round_scale_fp16(scale)
-        zero = torch.round(-xmin / scale).clamp(0, qmax)
+        zero = (-xmin / scale).clamp(0, qmax)
+        zero = _round_fp16(zero) if spec.zero_point == "float" else torch.round(zero)
         return QParams(scale, zero)
     amax = torch.maximum(xmax.abs(), xmin.abs())
     if not spec.is_uniform and isinstance(fmt, IntFormat):  # 1-bit binary: s = mean|x|
@@ -220,6 +254,11 @@ def _params_from_range(xmin: Tensor, xmax: Tensor, spec: QuantSpec,
 # ------------------------------------------------------------------------------------- core ops
 def _q_grouped(xg: Tensor, qp: QParams, spec: QuantSpec, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Codes and the 'inside the representable range' mask, in the grouped layout."""
+    if isinstance(spec.fmt, BCQ):
+        lv = _bcq_levels(qp.scale, qp.zero)
+        srt = lv.sort(-1).values
+        inside = (xg >= 1.5 * srt[..., :1] - 0.5 * srt[..., 1:2]) & (xg <= 1.5 * srt[..., -1:] - 0.5 * srt[..., -2:-1])
+        return _bcq_nearest(xg, lv).to(torch.uint8), inside
     v = xg / qp.scale
     if spec.is_uniform:
         v = v + qp.zero
@@ -244,6 +283,8 @@ def _q_grouped(xg: Tensor, qp: QParams, spec: QuantSpec, generator: torch.Genera
 
 
 def _dq_grouped(qg: Tensor, qp: QParams, spec: QuantSpec) -> Tensor:
+    if isinstance(spec.fmt, BCQ):
+        return _bcq_levels(qp.scale, qp.zero).gather(-1, qg.long())
     if spec.is_uniform:
         return qp.scale * (qg.float() - qp.zero)
     L = spec.levels().to(qg.device)
@@ -260,6 +301,9 @@ def compute_qparams(x: Tensor, spec: QuantSpec, perm: Tensor | None = None) -> Q
     """Scales and zero-points of ``x`` under ``spec`` (min-max, or MSE-searched with ``clip_search``)."""
     _check_input(x, spec)
     xg, lay = to_groups(x.detach().float(), spec.granularity, perm)
+    if isinstance(spec.fmt, BCQ):
+        alpha, z, _ = bcq_fit(xg, lay.mask(xg.device), spec.bits)
+        return QParams(alpha, z)
     dims = reduce_dims(lay)
     xmin, xmax = xg.amin(dims, keepdim=True), xg.amax(dims, keepdim=True)
     mean_abs = None
@@ -331,6 +375,144 @@ def quantize_weight(w: Tensor, spec: QuantSpec, generator: torch.Generator | Non
     return QuantizedWeight(quantize(w, qp, spec, generator), qp, spec)
 
 
+# ------------------------------------------------------------------------------------------- BCQ
+@lru_cache(maxsize=None)
+def _bcq_signs(q: int, device: torch.device) -> Tensor:
+    """``(2^q, q)`` matrix of +-1: row ``c`` holds the signs ``b_i = 2 bit_i(c) - 1`` of code ``c``."""
+    c = torch.arange(2**q, device=device)
+    return (((c[:, None] >> torch.arange(q, device=device)) & 1) * 2 - 1).float()
+
+
+def _bcq_levels(alpha: Tensor, z: Tensor) -> Tensor:
+    """The ``2^q`` values ``z + sum_i alpha_i b_i`` of each group, ``(R, G, 2^q)`` indexed by code.
+
+    Summed term by term in a fixed order, so quantize and dequantize see bit-identical levels."""
+    S = _bcq_signs(alpha.shape[-1], alpha.device)
+    lv = z.expand(*alpha.shape[:-1], S.shape[0])
+    for i in range(S.shape[1]):
+        lv = lv + alpha[..., i:i + 1] * S[:, i]
+    return lv
+
+
+def _bcq_nearest(xg: Tensor, lv: Tensor) -> Tensor:
+    """Code (int64) of the level nearest to each value, ties to the lowest code: a value that is a
+    level maps back to the code it came from, even where two codes share one level."""
+    best_d = (xg - lv[..., :1]).abs()
+    code = torch.zeros_like(xg)
+    for c in range(1, lv.shape[-1]):  # 2^q <= 16 levels: a running argmin, no (..., g, 2^q) tensor
+        d = (xg - lv[..., c:c + 1]).abs()
+        code = torch.where(d < best_d, float(c), code)
+        best_d = torch.minimum(d, best_d)
+    return code.long()
+
+
+def _bcq_round(alpha: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    # |alpha|: flipping the sign of alpha_i only renames codes, the set of levels is the same
+    return _round_fp16(alpha.abs()), _round_fp16(z)
+
+
+def _bcq_error(xg: Tensor, m: Tensor, codes: Tensor, alpha: Tensor, z: Tensor) -> Tensor:
+    lv = _bcq_levels(alpha, z)
+    return ((xg - lv.gather(-1, codes)) ** 2 * m).sum(-1, keepdim=True)
+
+
+def _bcq_range(xg: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    real = m.bool()
+    return (torch.where(real, xg, float("inf")).amin(-1, keepdim=True),
+            torch.where(real, xg, float("-inf")).amax(-1, keepdim=True))
+
+
+def _bcq_greedy_init(xg: Tensor, m: Tensor, cnt: Tensor, q: int, center: str = "mean") -> tuple[Tensor, Tensor]:
+    """METHODS.md 2.6 with an offset: ``z`` = the group's mean or mid-range, ``r = w - z``; per plane
+    ``b_i = sign r``, ``alpha_i = mean |r|``, ``r -= alpha_i b_i``."""
+    if center == "mean":
+        z = (xg * m).sum(-1, keepdim=True) / cnt
+    else:
+        lo, hi = _bcq_range(xg, m)
+        z = (lo + hi) / 2
+    r = xg - z
+    alphas = []
+    for _ in range(q):
+        a = (r.abs() * m).sum(-1, keepdim=True) / cnt
+        r = r - a * torch.where(r >= 0, 1.0, -1.0)
+        alphas.append(a)
+    return torch.cat(alphas, -1), z
+
+
+def _bcq_uniform_init(xg: Tensor, m: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    """The min-max uniform grid written as BCQ (LUT-GEMM): ``alpha_i = 2^(i-1) s / 2``, ``z`` the mid-range."""
+    lo, hi = _bcq_range(xg, m)
+    s = (hi - lo) / (2**q - 1)
+    return torch.cat([s * 2.0 ** (i - 1) for i in range(q)], -1), (lo + hi) / 2
+
+
+def _bcq_refine(xg: Tensor, m: Tensor, cnt: Tensor, alpha: Tensor, z: Tensor,
+                iters: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Alternate least squares for ``(alpha, z)`` given the signs and nearest-level signs given
+    ``(alpha, z)``, with fp16 parameters; a round that is worse for a group is not taken there.
+    Stops early once a round improves no group (the history is then padded with the final error)."""
+    q = alpha.shape[-1]
+    L = 2**q
+    A = torch.cat([_bcq_signs(q, xg.device), torch.ones(L, 1, device=xg.device)], 1).double()  # (2^q, q+1)
+    w, xw = m.expand_as(xg).contiguous(), (xg * m).contiguous()
+    alpha, z = _bcq_round(alpha, z)
+    codes = _bcq_nearest(xg, _bcq_levels(alpha, z))
+    err = _bcq_error(xg, m, codes, alpha, z)
+    history = [err]
+    for _ in range(iters):
+        # normal equations [B 1]^T [B 1] theta = [B 1]^T w from per-code counts and sums:
+        # every weight with code c has the row A[c] in [B 1]
+        n_c = xg.new_zeros(*xg.shape[:-1], L).scatter_add_(-1, codes, w).double()
+        s_c = xg.new_zeros(*xg.shape[:-1], L).scatter_add_(-1, codes, xw).double()
+        N = torch.einsum("rgc,ci,cj->rgij", n_c, A, A)
+        N.diagonal(dim1=-2, dim2=-1).add_(1e-9 * cnt.double())  # a plane that is constant: singular
+        theta = torch.linalg.solve(N, torch.einsum("rgc,ci->rgi", s_c, A)).float()
+        a_new, z_new = _bcq_round(theta[..., :q], theta[..., q:])
+        c_new = _bcq_nearest(xg, _bcq_levels(a_new, z_new))
+        e_new = _bcq_error(xg, m, c_new, a_new, z_new)
+        take = e_new <= err  # exact least squares never loses; the fp16 rounding can
+        improved = bool((e_new < err).any())
+        alpha, z = torch.where(take, a_new, alpha), torch.where(take, z_new, z)
+        codes, err = torch.where(take, c_new, codes), torch.where(take, e_new, err)
+        history.append(err)
+        if not improved:
+            break
+    return alpha, z, history + [err] * (iters + 1 - len(history))
+
+
+BCQ_INITS = ("greedy", "greedy_midrange", "uniform")
+
+
+def bcq_fit(xg: Tensor, mask: Tensor, q: int, iters: int = 10,
+            inits: tuple[str, ...] = BCQ_INITS) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Fit BCQ levels to every group of ``xg`` ``(R, G, g)`` (``mask`` ``(1, G, g)``: real positions).
+
+    From each init (``"greedy"``: METHODS.md 2.6's residual fit around the group's mean;
+    ``"greedy_midrange"``: the same around its mid-range; ``"uniform"``: the min-max uniform grid,
+    which BCQ with an offset represents exactly), ``iters`` alternating rounds: least squares
+    for ``(alpha, z)`` given the sign planes ``B`` (a ``(q+1)``-square normal system per group), then
+    ``B`` re-assigned to each weight's nearest of the ``2^q`` levels. Each group keeps its best run.
+    Parameters are rounded to fp16 as they are stored. Returns ``alpha`` ``(R, G, q)``, ``z``
+    ``(R, G, 1)`` and each round's per-group squared error ``(R, G, 1)`` (entry 0: the init), which
+    never increases.
+    """
+    m = mask.float()
+    cnt = m.sum(-1, keepdim=True)
+    starts = []
+    for name in inits:
+        if name not in BCQ_INITS:
+            raise ValueError(f"unknown BCQ init {name!r}; choose from {BCQ_INITS}")
+        starts.append(_bcq_uniform_init(xg, m, q) if name == "uniform" else
+                      _bcq_greedy_init(xg, m, cnt, q, "mean" if name == "greedy" else "midrange"))
+    k, R = len(starts), xg.shape[0]
+    # all runs at once, stacked along the rows
+    alpha, z, hist = _bcq_refine(xg.repeat(k, 1, 1), m, cnt, torch.cat([a for a, _ in starts]),
+                                 torch.cat([z for _, z in starts]), iters)
+    pick = hist[-1].view(k, R, -1, 1).argmin(0, keepdim=True)  # per group, the run that ended best
+    sel = lambda t: t.view(k, R, *t.shape[1:]).gather(0, pick.expand(1, R, *t.shape[1:]))[0]  # noqa: E731
+    return sel(alpha), sel(z), [h.view(k, R, -1, 1).amin(0) for h in hist]
+
+
 # ------------------------------------------------------------------------------- bits accounting
 def storage_bits(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> dict[str, int]:
     """Exact bits to store a tensor of ``shape`` quantized with ``spec``: codes, scales, zero-points."""
@@ -347,9 +529,12 @@ def storage_bits(shape: tuple[int, ...] | torch.Size, spec: QuantSpec) -> dict[s
         n_super = rows * -(-subs // gran.subs_per_super)
         scales = ng * gran.scale_bits + n_super * 16
         zeros = (ng * gran.scale_bits + n_super * 16) if asym_int else 0
+    elif isinstance(spec.fmt, BCQ):  # q fp16 alphas and one fp16 offset per group
+        scales = ng * 16 * spec.bits
+        zeros = ng * 16
     else:
         scales = ng * (8 if spec.scale == "e8m0" else 16)
-        zeros = ng * spec.bits if asym_int else 0
+        zeros = ng * (16 if spec.zero_point == "float" else spec.bits) if asym_int else 0
     return {"codes": codes, "scales": scales, "zeros": zeros, "total": codes + scales + zeros, "params": numel}
 
 
@@ -375,7 +560,9 @@ def qparams_to_tensors(qp: QParams, spec: QuantSpec) -> dict[str, Tensor]:
         out["scale_e8m0"] = (torch.log2(qp.scale) + 127).round().to(torch.uint8)
     else:
         out["scale"] = qp.scale.half()
-    if spec.is_uniform and not spec.symmetric:
+    if isinstance(spec.fmt, BCQ) or spec.zero_point == "float":
+        out["zero"] = qp.zero.half()
+    elif spec.is_uniform and not spec.symmetric:
         out["zero"] = pack_bits(qp.zero.to(torch.uint8), spec.bits)
     return out
 
@@ -406,7 +593,9 @@ def qparams_from_tensors(t: dict[str, Tensor], spec: QuantSpec, shape: tuple[int
     else:
         scale = t["scale"].float()
     zero = None
-    if spec.is_uniform:
+    if isinstance(spec.fmt, BCQ) or spec.zero_point == "float":
+        zero = t["zero"].float().view(*scale.shape[:-1], 1)
+    elif spec.is_uniform:
         if spec.symmetric:
             zero = torch.full_like(scale, float(2 ** (spec.fmt.bits - 1)))
         else:
@@ -416,6 +605,6 @@ def qparams_from_tensors(t: dict[str, Tensor], spec: QuantSpec, shape: tuple[int
 
 __all__ = [
     "QuantSpec", "QParams", "QuantizedWeight", "compute_qparams", "quantize", "dequantize", "fake_quantize",
-    "quantize_weight", "storage_bits", "qparams_to_tensors", "qparams_from_tensors",
+    "quantize_weight", "storage_bits", "qparams_to_tensors", "qparams_from_tensors", "bcq_fit",
     "PerTensor", "PerChannel", "PerGroup", "GGUFBlock", "PerToken", "PEG", "NF4", "PowerOfTwo", "FloatFormat",
 ]

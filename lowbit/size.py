@@ -1,7 +1,8 @@
 """Exact storage accounting: bits per parameter, by part of the model.
 
 Quantized tensors count their codes, scales, zero-points and any second-level scale metadata
-(:func:`lowbit.quantizer.storage_bits`); every other tensor counts ``float_bits`` per value (16 by
+(:func:`lowbit.quantizer.storage_bits`), plus a SpQR sparse part if any (48 bits per outlier: int32
+index, fp16 value); every other tensor counts ``float_bits`` per value (16 by
 default: unquantized tensors are shipped in fp16, as GPTQ/AWQ papers count them, and
 ``lowbit quantize --out`` writes them so). Tied embeddings are one tensor and counted once, under
 "embeddings". Parts: ``embeddings``, ``attention``, ``ffn``, ``norms`` (everything else inside the
@@ -47,6 +48,9 @@ def size_report(model: nn.Module, float_bits: int = 16) -> dict:
         if isinstance(mod, (QuantLinear, QuantEmbedding)) and spec is not None:
             bits = storage_bits(tuple(p.shape), spec)["total"]
             parts[part]["quantized_params"] += n
+            for t in (getattr(mod, "w_outlier_idx", None), getattr(mod, "w_outlier_val", None)):
+                if t is not None:  # SpQR sparse part, as stored: int32 index + fp16 value per outlier
+                    bits += t.numel() * t.element_size() * 8
         else:
             bits = n * float_bits
         parts[part]["params"] += n
