@@ -5,6 +5,8 @@
   tokenized one by one and joined with the EOS id (BOS first if the tokenizer adds one), then
   windows start at random offsets (GPTQ draws random windows from random C4 documents; the sample's
   documents are mostly shorter than 2048 tokens, hence the joining).
+* ``tinystories``: the training stories (first 90%) of the TinyStories sample, each ``[BOS] + story``;
+  the held-out 10% that :mod:`lowbit.data` evaluates on is never used.
 * any other name is a path to a text file, tokenized in one call.
 * ``self``: no data at all. The float model writes the windows itself (METHODS.md 6.1, LLM-QAT
   style): BOS, a first token drawn uniformly from the non-special vocabulary, 3 greedy tokens, then
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import C4_EVAL_DOCS, c4_documents
+from .data import C4_EVAL_DOCS, c4_documents, tinystories_split
 from .tokenizer import Tokenizer
 
 
@@ -31,9 +33,15 @@ def calibration_text_ids(source: str, tok: Tokenizer) -> torch.Tensor:
             if tok.eos_id is not None:
                 ids.append(tok.eos_id)
         return torch.tensor(ids, dtype=torch.long)
+    if source == "tinystories":
+        ids = []
+        for story in tinystories_split()[0]:
+            ids += tok.encode(story, add_bos=True)
+        return torch.tensor(ids, dtype=torch.long)
     p = Path(source)
     if not p.is_file():
-        raise FileNotFoundError(f"calibration source {source!r} not found: use 'c4' or a path to a text file")
+        raise FileNotFoundError(f"calibration source {source!r} not found: use 'c4', 'tinystories', 'self' or a path "
+                                "to a text file")
     return torch.tensor(tok.encode(p.read_text(encoding="utf-8"), add_bos=True), dtype=torch.long)
 
 

@@ -45,10 +45,15 @@ def c4_documents() -> list[str]:
         return [json.loads(line)["text"] for line in f]
 
 
-def tinystories_heldout() -> list[str]:
+def tinystories_split() -> tuple[list[str], list[str]]:
+    """(training stories, held-out stories): the last 10% of the stories of the sample are held out."""
     from .train import load_stories, split_stories
 
-    return split_stories(load_stories(_need(data_dir() / "tinystories" / "tinystories_train_head_2MiB.txt")), 0.1)[1]
+    return split_stories(load_stories(_need(data_dir() / "tinystories" / "tinystories_train_head_2MiB.txt")), 0.1)
+
+
+def tinystories_heldout() -> list[str]:
+    return tinystories_split()[1]
 
 
 def load_text(name: str) -> str:
