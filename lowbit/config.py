@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from .formats import (BCQ, FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, NF4, FloatFormat, Format, IntFormat,
+from .formats import (BCQ, FP4_E2M1, FP6_E2M3, FP6_E3M2, FP8_E4M3, FP8_E5M2, NF4, Format, IntFormat,
                       PowerOfTwo)
 from .granularity import PEG, GGUFBlock, Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .quantizer import QuantSpec

@@ -16,6 +16,7 @@ Works for any uniform or table format of lowbit with per-channel or per-group sc
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -48,39 +49,31 @@ def _group_params(W: Tensor, spec: QuantSpec) -> QParams:
     return compute_qparams(W, replace(spec, granularity=PerChannel()))
 
 
-def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
-         act_order: bool = False, static_groups: bool = True) -> QuantizedWeight:
-    """Quantize ``W`` (out, in) given the input Hessian ``H`` (in, in); see the module docstring."""
-    gran = spec.granularity
-    if not isinstance(gran, (PerChannel, PerGroup)):
-        raise ValueError(f"GPTQ supports per-channel and per-group scales, not {type(gran).__name__}")
+def check_spec(spec: QuantSpec, who: str = "GPTQ") -> None:
+    """One-line errors for the specs the column-by-column solvers cannot handle."""
+    if not isinstance(spec.granularity, (PerChannel, PerGroup)):
+        raise ValueError(f"{who} supports per-channel and per-group scales, not {type(spec.granularity).__name__}")
     if isinstance(spec.fmt, BCQ):
-        raise ValueError("GPTQ does not fit BCQ codes (per-group learned levels); use --method bcq, or an int format")
+        raise ValueError(f"{who} does not fit BCQ codes (per-group learned levels); use --method bcq, or an int format")
     if spec.rounding != "nearest":
-        raise ValueError("GPTQ rounds to nearest; drop stochastic rounding")
+        raise ValueError(f"{who} rounds to nearest; drop stochastic rounding")
+
+
+def inverse_hessian_factor(W: Tensor, H: Tensor, percdamp: float = 0.01, act_order: bool = False
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """GPTQ's set-up: dead inputs (``H_ii = 0``) zeroed, the column order (``act_order``: decreasing
+    ``H_ii``), damping, and ``U`` = the upper Cholesky factor of ``H^-1`` in that order.
+    Returns ``(W, perm, U)`` with ``W`` a float copy in the original column order."""
     W = W.detach().clone().float()
-    R, C = W.shape
+    C = W.shape[1]
     dev = W.device
     H = H.detach().clone().double().to(dev)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    gs = gran.size if isinstance(gran, PerGroup) else C
-    G = -(-C // gs)
-    scale = torch.empty(R, G, 1, device=dev)
-    zero = torch.empty(R, G, 1, device=dev) if spec.is_uniform else None
-    if isinstance(gran, PerChannel) or (act_order and static_groups):
-        full = compute_qparams(W, spec)  # from the original W: groups stay contiguous
-        scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
-        have = torch.ones(G, dtype=torch.bool)
-    else:
-        if act_order:
-            raise ValueError("act_order with groups needs static_groups=True (contiguous groups)")
-        have = torch.zeros(G, dtype=torch.bool)
-
     perm = torch.argsort(torch.diag(H).cpu(), descending=True) if act_order else torch.arange(C)
     pd = perm.to(dev)
-    W, H = W[:, pd], H[pd][:, pd]
+    H = H[pd][:, pd]
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(C, dtype=H.dtype, device=dev)
     try:
         L = torch.linalg.cholesky(H)
@@ -88,7 +81,49 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
     except RuntimeError:
         raise ValueError(f"the Hessian is not positive definite even with percdamp={percdamp}; "
                          "raise percdamp (e.g. 0.1) or use more calibration samples") from None
+    return W, perm, U
 
+
+def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
+         act_order: bool = False, static_groups: bool = True, keep: Tensor | None = None) -> QuantizedWeight:
+    """Quantize ``W`` (out, in) given the input Hessian ``H`` (in, in); see the module docstring.
+
+    ``keep`` (bool, shape of ``W``) marks weights that stay in fp16 instead (SpQR's outliers): their
+    error is only the fp16 rounding, and they are left out of their group's scale statistics. Their
+    codes in the result are the rounding of the kept value; the caller stores the values apart."""
+    check_spec(spec)
+    W, perm, U = inverse_hessian_factor(W, H, percdamp, act_order)
+    return _gptq_columns(W, perm, U, spec, block_size, act_order, static_groups, keep)[0]
+
+
+def _fp16(x: Tensor) -> Tensor:
+    return x.clamp(-65504.0, 65504.0).half().float()
+
+
+def _gptq_columns(W: Tensor, perm: Tensor, U: Tensor, spec: QuantSpec, block_size: int, act_order: bool,
+                  static_groups: bool, keep: Tensor | None) -> tuple[QuantizedWeight, Tensor]:
+    """GPTQ's column loop over ``W`` (original order) visiting columns in ``perm``'s order. Returns the
+    quantized weight and the values it chose (fp16 values where ``keep``), in the original order."""
+    gran = spec.granularity
+    R, C = W.shape
+    dev = W.device
+    pd = perm.to(dev)
+    gs = gran.size if isinstance(gran, PerGroup) else C
+    G = -(-C // gs)
+    scale = torch.empty(R, G, 1, device=dev)
+    zero = torch.empty(R, G, 1, device=dev) if spec.is_uniform else None
+    if isinstance(gran, PerChannel) or (act_order and static_groups):
+        # from the original W (kept weights left out): groups stay contiguous
+        full = compute_qparams(W if keep is None else torch.where(keep, torch.zeros_like(W), W), spec)
+        scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
+        have = torch.ones(G, dtype=torch.bool)
+    else:
+        if act_order:
+            raise ValueError("act_order with groups needs static_groups=True (contiguous groups)")
+        have = torch.zeros(G, dtype=torch.bool)
+
+    W = W[:, pd]
+    M = None if keep is None else keep[:, pd]
     qmax = spec.fmt.qmax if spec.is_uniform else None
     Q = torch.zeros_like(W)
     for i1 in range(0, C, block_size):
@@ -100,7 +135,10 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
             col = int(perm[i1 + i])
             g = col // gs
             if not have[g]:  # natural order: the group starts here; fit it on the updated weights
-                rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, : min(gs, C - col)]
+                n = min(gs, C - col)
+                rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :n]
+                if M is not None:
+                    rest = torch.where(M[:, col:col + n], torch.zeros_like(rest), rest)
                 qp = _group_params(rest, spec)
                 scale[:, g], have[g] = qp.scale[:, 0], True
                 if zero is not None:
@@ -113,34 +151,32 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percda
                 qp = QParams(scale[:, g:g + 1], None)
                 q, _ = _q_grouped(w.view(R, 1, 1), qp, spec, None)
                 qcol = _dq_grouped(q, qp, spec).view(R)
+            if M is not None:
+                qcol = torch.where(M[:, i1 + i], _fp16(w), qcol)
             Q[:, i1 + i] = qcol
             err = (w - qcol) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
-    inv = torch.argsort(pd)
-    Q = Q[:, inv]
+    Q = Q[:, torch.argsort(pd)]
     qp = QParams(scale, zero)
-    return QuantizedWeight(quantize(Q, qp, spec), qp, spec)
+    return QuantizedWeight(quantize(Q, qp, spec), qp, spec), Q
 
 
-@register("gptq", needs_data=True)
-def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
-    """GPTQ, block by block and true-sequentially: within a block, each group of Linears that share an
-    input (ArchSpec.sequential) gets its Hessian from inputs produced by the already-quantized parts.
-
-    Settings (``cfg.extra``): ``percdamp`` (0.01), ``act_order`` (True: columns by decreasing Hessian
-    diagonal with static groups, the reference README's recommended setting; without it GPTQ can lose
-    to RTN on Llama-family models), ``block_size`` (128)."""
+def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dict[str, QuantLinear], Tensor], None],
+                     desc: str = "gptq", progress: bool = True) -> None:
+    """The Hessian-based solvers' loop (GPTQ, SpQR): block by block and true-sequentially. Within a
+    block, each group of Linears that share an input (``ArchSpec.sequential``) gets one Hessian
+    ``H = 2/n sum X^T X`` from inputs produced by the already-quantized parts, then
+    ``solve(modules, H)`` rounds and freezes them; the quantized block feeds the next one."""
     from .blockwise import capture_inputs, for_each_block, run_block
 
     arch = arch_of(model)
-    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
     hidden, kwargs = capture_inputs(model, list(calib.split(1)))
-    bar = tqdm(total=len(blocks_of(model)), desc="gptq", disable=not progress, unit="block")
+    bar = tqdm(total=len(blocks_of(model)), desc=desc, disable=not progress, unit="block")
 
-    def quantize_block(i: int, block: nn.Module, xs: list[torch.Tensor], kw: dict) -> None:
+    def quantize_block(i: int, block: nn.Module, xs: list[Tensor], kw: dict) -> None:
         for group in arch.sequential:
             mods = {n: block.get_submodule(n) for n in group}
             mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
@@ -157,13 +193,28 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
                 for x in xs:
                     run_block(block, x, kw)
             handle.remove()
-            for names, qws in _solve_shared_input(mods, acc[0], opts):
-                for n, q in zip(names, qws):
-                    mods[n].freeze(q)
+            solve(mods, acc[0])
         bar.update(1)
 
     for_each_block(model, hidden, kwargs, quantize_block)
     bar.close()
+
+
+@register("gptq", needs_data=True)
+def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
+    """GPTQ on every quantized Linear of the decoder blocks (:func:`sequential_solve`).
+
+    Settings (``cfg.extra``): ``percdamp`` (0.01), ``act_order`` (True: columns by decreasing Hessian
+    diagonal with static groups, the reference README's recommended setting; without it GPTQ can lose
+    to RTN on Llama-family models), ``block_size`` (128)."""
+    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+
+    def solve(mods: dict[str, QuantLinear], H: Tensor) -> None:
+        for names, qws in _solve_shared_input(mods, H, opts):
+            for n, q in zip(names, qws):
+                mods[n].freeze(q)
+
+    sequential_solve(model, calib, solve, "gptq", progress)
 
 
 def _split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:

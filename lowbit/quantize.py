@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .models import arch_of, blocks as blocks_of, get_module, set_module, tied_embeddings
+from .models import arch_of, get_module, set_module, tied_embeddings
 from .qmodules import QuantEmbedding, QuantLinear, quant_modules, replace_modules
 
 log = logging.getLogger(__name__)

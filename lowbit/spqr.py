@@ -36,19 +36,15 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .config import QuantConfig
-from .gptq import _group_params, accumulate_hessian
-from .granularity import PerChannel, PerGroup
-from .models import arch_of, blocks as blocks_of
+from .gptq import _gptq_columns, check_spec, inverse_hessian_factor, sequential_solve
+from .granularity import PerGroup
 from .qmodules import QuantLinear
 from .quantize import register
-from .quantizer import QParams, QuantizedWeight, QuantSpec, _dq_grouped, _q_grouped, compute_qparams, \
-    dequantize, quantize
+from .quantizer import QuantizedWeight, QuantSpec, compute_qparams, dequantize, quantize
 
 OUTLIER_BITS = 16 + 32  # fp16 value + int32 flat index (COO)
-FP16_MAX = 65504.0
 _ROUNDS = 4  # greedy rounds of the outlier pre-pass
 
 
@@ -64,10 +60,6 @@ class SpQRWeight(NamedTuple):
         w = self.qw.dequantize(torch.float32).contiguous()
         w.view(-1)[self.idx.long()] = self.values.float()
         return w.to(dtype)
-
-
-def _fp16(x: Tensor) -> Tensor:
-    return x.clamp(-FP16_MAX, FP16_MAX).half().float()
 
 
 def _grouped(x: Tensor, gs: int, fill: float) -> Tensor:
@@ -128,118 +120,31 @@ def spqr(W: Tensor, H: Tensor, spec: QuantSpec, *, outlier_frac: float = 0.01, p
     the outliers being those of largest sensitivity ``(w - q(w))^2 / U_ii^2`` (see the module docstring),
     left out of the scale statistics of their group. ``outlier_frac=0`` is exactly :func:`lowbit.gptq.gptq`
     (static groups under ``act_order``)."""
-    gran = spec.granularity
-    if not isinstance(gran, (PerChannel, PerGroup)):
-        raise ValueError(f"SpQR supports per-channel and per-group scales, not {type(gran).__name__}")
-    if spec.rounding != "nearest":
-        raise ValueError("SpQR rounds to nearest; drop stochastic rounding")
+    check_spec(spec, "SpQR")
     if not 0 <= outlier_frac < 1:
         raise ValueError(f"outlier_frac must lie in [0, 1), got {outlier_frac}")
-    W = W.detach().clone().float()
+    W, perm, U = inverse_hessian_factor(W, H, percdamp, act_order)
     R, C = W.shape
-    dev = W.device
-    H = H.detach().clone().double().to(dev)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H).cpu(), descending=True) if act_order else torch.arange(C)
-    pd = perm.to(dev)
-    Hp = H[pd][:, pd]
-    Hp += percdamp * torch.mean(torch.diag(Hp)) * torch.eye(C, dtype=Hp.dtype, device=dev)
-    try:
-        L = torch.linalg.cholesky(Hp)
-        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-    except RuntimeError:
-        raise ValueError(f"the Hessian is not positive definite even with percdamp={percdamp}; "
-                         "raise percdamp (e.g. 0.1) or use more calibration samples") from None
-
-    u_orig = torch.empty(C, device=dev)
-    u_orig[pd] = torch.diag(U)  # U_jj of each original column
+    u_orig = torch.empty(C, device=W.device)
+    u_orig[perm.to(W.device)] = torch.diag(U)  # U_jj of each original column
     mask = select_outliers(W, spec, u_orig, round(outlier_frac * R * C))
-
-    gs = gran.size if isinstance(gran, PerGroup) else C
-    G = -(-C // gs)
-    scale = torch.empty(R, G, 1, device=dev)
-    zero = torch.empty(R, G, 1, device=dev) if spec.is_uniform else None
-    if isinstance(gran, PerChannel) or act_order:
-        full = compute_qparams(torch.where(mask, torch.zeros_like(W), W), spec)  # static, outliers left out
-        scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
-        have = torch.ones(G, dtype=torch.bool)
-    else:
-        have = torch.zeros(G, dtype=torch.bool)
-
-    W, M = W[:, pd], mask[:, pd]
-    Q = torch.zeros_like(W)
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gs
-            if not have[g]:  # natural order: the group starts here; fit it on the updated non-outliers
-                n = min(gs, C - col)
-                rest = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :n]
-                rest = torch.where(M[:, col:col + n], torch.zeros_like(rest), rest)
-                qp = _group_params(rest, spec)
-                scale[:, g], have[g] = qp.scale[:, 0], True
-                if zero is not None:
-                    zero[:, g] = qp.zero[:, 0]
-            qp = QParams(scale[:, g:g + 1], None if zero is None else zero[:, g:g + 1])
-            w = W1[:, i]
-            q, _ = _q_grouped(w.view(R, 1, 1), qp, spec, None)
-            qcol = _dq_grouped(q, qp, spec).view(R)
-            qcol = torch.where(M[:, i1 + i], _fp16(w), qcol)
-            Q[:, i1 + i] = qcol
-            err = (w - qcol) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    Q = Q[:, torch.argsort(pd)]
-    qp = QParams(scale, zero)
+    qw, Q = _gptq_columns(W, perm, U, spec, block_size, act_order, True, mask)
     idx = mask.flatten().nonzero().flatten()
-    values = Q.flatten()[idx].half()
-    return SpQRWeight(QuantizedWeight(quantize(Q, qp, spec), qp, spec), idx.to(torch.int32), values)
+    values = Q.flatten()[idx].half()  # the kept fp16 values (the dense codes there are their rounding)
+    return SpQRWeight(qw, idx.to(torch.int32), values)
 
 
 @register("spqr", needs_data=True, kind="solver")
 def spqr_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None, progress: bool = True) -> None:
-    """SpQR, block by block and true-sequentially like :func:`lowbit.gptq.gptq_method`. Options from
-    ``cfg.extra``: ``outlier_frac`` (0.01), ``percdamp``, ``act_order``, ``block_size``."""
-    from .blockwise import capture_inputs, for_each_block, run_block
+    """SpQR, block by block and true-sequentially (:func:`lowbit.gptq.sequential_solve`). Options from
+    ``cfg.extra``: ``outlier_frac`` (0.01), ``percdamp``, ``act_order`` (True, as for GPTQ), ``block_size``."""
+    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("outlier_frac", "percdamp", "act_order", "block_size")
+                                  if k in cfg.extra}
 
-    arch = arch_of(model)
-    opts = {k: cfg.extra[k] for k in ("outlier_frac", "percdamp", "act_order", "block_size") if k in cfg.extra}
-    hidden, kwargs = capture_inputs(model, list(calib.split(1)))
-    bar = tqdm(total=len(blocks_of(model)), desc="spqr", disable=not progress, unit="block")
+    def solve(mods: dict[str, QuantLinear], H: torch.Tensor) -> None:
+        for m in mods.values():
+            res = spqr(m.weight, H, m.w_spec, **opts)
+            m.freeze(res.qw)
+            m.set_outliers(res.idx, res.values)
 
-    def quantize_block(i: int, block: nn.Module, xs: list[torch.Tensor], kw: dict) -> None:
-        for group in arch.sequential:
-            mods = {n: block.get_submodule(n) for n in group}
-            mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
-                    and not m.frozen}
-            if not mods:
-                continue
-            acc = {n: [None, 0] for n in mods}
-
-            def hook(name):
-                def f(mod, inp, out):
-                    acc[name][0], acc[name][1] = accumulate_hessian(acc[name][0], acc[name][1], inp[0].detach())
-                return f
-
-            handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-            with torch.no_grad():
-                for x in xs:
-                    run_block(block, x, kw)
-            for h in handles:
-                h.remove()
-            for n, m in mods.items():
-                res = spqr(m.weight, acc[n][0], m.w_spec, **opts)
-                m.freeze(res.qw)
-                m.set_outliers(res.idx, res.values)
-        bar.update(1)
-
-    for_each_block(model, hidden, kwargs, quantize_block)
-    bar.close()
+    sequential_solve(model, calib, solve, "spqr", progress)
