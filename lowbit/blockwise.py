@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -61,18 +62,30 @@ def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 @torch.no_grad()
 def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
                    fn: Callable[[int, nn.Module, list[Tensor], dict], None] | None = None,
-                   device: torch.device | str | None = None) -> list[Tensor]:
-    """Visit every block in order (see the module docstring); returns the last block's outputs."""
+                   device: torch.device | str | None = None,
+                   report: Callable[[int, float, float], None] | None = None, probe: int = 4) -> list[Tensor]:
+    """Visit every block in order (see the module docstring); returns the last block's outputs.
+
+    ``report(i, rel_err, seconds)``, if given, receives each block's reconstruction error
+    ``||B_q(x) - B(x)||^2 / ||B(x)||^2`` on its first ``probe`` inputs (``B`` the block before ``fn``,
+    ``B_q`` after, same inputs) and the time ``fn`` took."""
     for i, block in enumerate(blocks(model)):
         home = next(block.parameters()).device
         dev = torch.device(device) if device is not None else home
         block.to(dev)
         xs = [x.to(dev) for x in inputs]
         kw = {k: _to(v, dev) for k, v in kwargs.items()}
+        ref = [run_block(block, x, kw) for x in xs[:probe]] if report is not None else []
+        t0 = time.time()
         if fn is not None:
             fn(i, block, xs, kw)
+        seconds = time.time() - t0
         with torch.no_grad():
             inputs = [run_block(block, x, kw) for x in xs]
+        if report is not None:
+            num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(inputs, ref))
+            den = sum(float(r.float().pow(2).sum()) for r in ref)
+            report(i, num / max(den, 1e-30), seconds)
         block.to(home)
     return inputs
 

@@ -194,9 +194,12 @@ def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dic
                     run_block(block, x, kw)
             handle.remove()
             solve(mods, acc[0])
+
+    def report(i: int, err: float, seconds: float) -> None:
+        bar.set_postfix(block_err=f"{err:.2e}", s=f"{seconds:.1f}")
         bar.update(1)
 
-    for_each_block(model, hidden, kwargs, quantize_block)
+    for_each_block(model, hidden, kwargs, quantize_block, report=report)
     bar.close()
 
 

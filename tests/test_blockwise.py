@@ -42,3 +42,24 @@ def test_quantized_prefix_feeds_the_next_block():
 
     out = for_each_block(model, hidden, kwargs, fn=quantize_block)
     torch.testing.assert_close(head_logits(model, out[0]), ref(ids[0]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_report_gives_block_error_and_time(tiny_llama):
+    """The per-block report: zero error when fn leaves the block alone, positive when it perturbs it."""
+    import torch
+
+    from lowbit.blockwise import capture_inputs, for_each_block
+
+    ids = [torch.randint(0, 128, (1, 16)) for _ in range(3)]
+    hidden, kw = capture_inputs(tiny_llama, ids)
+    seen = []
+    for_each_block(tiny_llama, hidden, kw, lambda i, b, xs, k: None, report=lambda i, e, s: seen.append((i, e, s)))
+    assert [i for i, _, _ in seen] == [0, 1] and all(e == 0 and s >= 0 for _, e, s in seen)
+
+    def perturb(i, block, xs, k):
+        with torch.no_grad():
+            block.mlp.down_proj.weight.mul_(1.5)
+
+    seen.clear()
+    for_each_block(tiny_llama, hidden, kw, perturb, report=lambda i, e, s: seen.append(e))
+    assert all(e > 1e-6 for e in seen)

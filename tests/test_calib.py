@@ -44,3 +44,26 @@ def test_seeded_and_too_short(tok, tmp_path):
 def test_real_c4_sample(tok):
     b = calib.calibration_batches(tok, "c4", n=3, seqlen=128, seed=0)
     assert b.shape == (3, 128) and int(b.max()) < tok.vocab_size
+
+
+@needs_shared
+def test_self_calibration_is_seeded_and_uses_no_data(monkeypatch):
+    """--calib self: windows sampled from the model itself, the same for the same seed, never read from disk."""
+    import lowbit.calib as calib
+    from lowbit.models import load_model
+
+    model, tok = load_model("stories260k")
+    monkeypatch.setattr(calib, "calibration_text_ids", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read data")))
+    a = calib.calibration_batches(tok, "self", n=3, seqlen=24, seed=5, model=model)
+    b = calib.calibration_batches(tok, "self", n=3, seqlen=24, seed=5, model=model)
+    c = calib.calibration_batches(tok, "self", n=3, seqlen=24, seed=6, model=model)
+    assert a.shape == (3, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 0] == tok.bos_id).all() and len(set(a[:, 1].tolist())) > 1  # random first tokens, no collapse
+
+
+@needs_shared
+def test_tinystories_calibration_never_sees_heldout_text():
+    from lowbit.data import tinystories_split
+
+    train, held = tinystories_split()
+    assert set(train).isdisjoint(held) and len(held) > 0
