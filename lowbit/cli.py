@@ -5,6 +5,7 @@
     lowbit generate MODEL --prompt "Once upon a time"
     lowbit train --data stories.txt --tokenizer tok512.model --out runs/s260k
     lowbit info MODEL
+    lowbit gen-data MODEL --out data/s260k-self --n-sequences 1024 --seq-len 256 --topk-logits 32
 
 Bad input ends with one line ``lowbit: error: ...`` and exit status 2 (set ``LOWBIT_DEBUG=1`` for
 the traceback).
@@ -161,6 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a small Llama-style LM from scratch (Stage 0)")
     _add_dataclass_args(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    d = sub.add_parser("gen-data", help="self-generated token sequences (and teacher top-k logits) for "
+                                        "data-free QAT/KD, resumable")
+    d.add_argument("model")
+    d.add_argument("--tokenizer", default=None)
+    d.add_argument("--out", required=True, help="folder for the shards and meta.json (re-run to continue)")
+    d.add_argument("--n-sequences", type=int, required=True)
+    d.add_argument("--seq-len", type=int, required=True, help="ids per sequence, BOS included")
+    d.add_argument("--batch-size", type=int, default=16, help="sequences generated together (ids do not depend on it)")
+    d.add_argument("--shard-size", type=int, default=256, help="sequences per shard file")
+    d.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--top-k", type=int, default=50, help="0 = off")
+    d.add_argument("--greedy-prefix", type=int, default=3, help="greedy tokens after the random first token")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--topk-logits", type=int, default=0, metavar="K",
+                   help="also store the teacher's top-K logits and log-sum-exp per position (0 = ids only)")
+    d.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when available)")
 
     i = sub.add_parser("info", help="parameters and stored bits per part of a model")
     i.add_argument("model")
@@ -322,7 +341,27 @@ def cmd_info(a) -> dict:
     return rep
 
 
-COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "train": cmd_train, "info": cmd_info}
+def cmd_gen_data(a) -> dict:
+    from .datafree import format_stats, generate_dataset
+    from .models import load_model, model_name
+
+    device = _device(a.device)
+    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    model.to(device)
+    meta = generate_dataset(model, tok, a.out, n_sequences=a.n_sequences, seq_len=a.seq_len, batch_size=a.batch_size,
+                            shard_size=a.shard_size, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            greedy_prefix=a.greedy_prefix, seed=a.seed, topk_logits=a.topk_logits,
+                            progress=not a.quiet, model_name=model_name(a.model))
+    call = meta["calls"][-1]
+    speed = f", {call['tokens_per_s']:,.0f} tokens/s" if call["tokens_per_s"] else ""
+    print(f"{a.out}: {meta['n_sequences']:,} sequences x {a.seq_len} ids in {len(meta['shards'])} shard(s); "
+          f"generated {call['sequences_generated']:,} now in {call['wall_s']:.1f} s{speed}")
+    print("diversity:\n" + format_stats(meta["diversity"]))
+    return meta
+
+
+COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "train": cmd_train, "info": cmd_info,
+            "gen-data": cmd_gen_data}
 
 
 def main(argv: list[str] | None = None) -> int:
