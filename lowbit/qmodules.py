@@ -63,6 +63,9 @@ class _QuantWeightMixin:
     def quantized_weight(self) -> Tensor:
         if self.frozen or self.w_spec is None:  # no weight spec: activation-only quantization
             return self.weight
+        learner = getattr(self, "learner", None)  # a learnable quantizer (lowbit.learnable), QAT
+        if learner is not None:
+            return learner(self.weight)
         return fake_quantize(self.weight, self.w_spec, self.qparams)
 
 
