@@ -28,7 +28,8 @@ Algorithm = Callable[..., None]
 ALGORITHMS: dict[str, Algorithm] = {}
 # methods that live in their own module register themselves when it is imported (on first use)
 METHOD_MODULES = {"gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant", "quarot": "quarot", "hqq": "hqq",
-                  "omniquant": "omniquant", "spqr": "spqr", "bcq": "bcq"}
+                  "omniquant": "omniquant", "spqr": "spqr", "bcq": "bcq",
+                  "dfqat": "dfqat"}
 
 
 def register(name: str, *, needs_data: bool = False, kind: str = "solver") -> Callable[[Algorithm], Algorithm]:
@@ -135,6 +136,11 @@ def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
                 raise ValueError(f"{name}: {e}") from None
         if cfg.act is not None:
             check_fits(cfg.act.granularity, (1, m.in_features))
+    a_clip = cfg.extra.get("a_clip", 1.0)
+    if not isinstance(a_clip, (int, float)) or not 0 < a_clip <= 1:
+        raise ValueError(f"a_clip must be a number in (0, 1], got {a_clip!r}")
+    if a_clip != 1.0 and (cfg.act is None or cfg.act.scale == "e8m0"):
+        raise ValueError("a_clip shrinks activation ranges: it needs --a-format with fp16 scales")
     arch = arch_of(model)
     if tied_embeddings(model) and cfg.embed and cfg.head and cfg.embed != cfg.head:
         raise ValueError("the embedding and the head are tied (one tensor): give them the same spec")
@@ -164,6 +170,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
     if cfg.weight is not None or cfg.act is not None:
         replace_modules(model, lambda m, n: QuantLinear.from_linear(m, cfg.weight, cfg.act),
                         block_linear_filter(model, cfg.skip))
+        for m in quant_modules(model).values():
+            if isinstance(m, QuantLinear) and m.a_spec is not None:
+                m.a_clip = float(cfg.extra.get("a_clip", 1.0))  # activation range ratio (QuaRot's a_clip_ratio)
     for step in steps:
         get_algorithm(step)(model, cfg, calib=calib, progress=progress)
     if steps[-1] != "rtn":

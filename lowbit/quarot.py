@@ -32,7 +32,8 @@ ones are QuantLinear input transforms (the small factor in buffer ``in_rot``, sa
 Not done: the paper's online Hadamard on Q and K after RoPE, which only serves KV-cache
 quantization (lowbit does not quantize the KV cache). Activation quantization (``cfg.act``, e.g. int4
 per token, symmetric) is done by each QuantLinear on its (rotated) input; ``cfg.extra["a_clip"]`` (the
-paper's ``a_clip_ratio``, about 0.9) shrinks those ranges (scale * a_clip) in a quarot recipe.
+paper's ``a_clip_ratio``, about 0.9) shrinks those ranges (scale * a_clip); :func:`lowbit.quantize.quantize_model`
+applies it to every method.
 
 **Tied embeddings**: folding the final norm into the head makes it differ from the embedding, so the
 head is untied (its own Parameter, ``config.tie_word_embeddings = False``, logged). The size report
@@ -232,16 +233,11 @@ def quarot(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True
     """QuaRot as a recipe step: :func:`fuse_norms`, :func:`rotate_model`, :func:`rotate_ffn_online`,
     :func:`rotate_vo` on the float weights; a solver (rtn, gptq) follows. ``cfg.extra``:
     ``quarot_seed`` (default ``cfg.seed``), ``quarot_online_o`` (online rotation across heads at
-    o_proj's input, default True), ``a_clip`` (activation range ratio, default 1.0). With tied embeddings
+    o_proj's input, default True), ``a_clip`` (activation range ratio, default 1.0, applied by ``quantize_model``). With tied embeddings
     and one of ``cfg.embed`` / ``cfg.head`` given, the untied head and the embedding both get that spec
     (``cfg`` is updated so that the saved config says so)."""
     check_supported(model)
     seed = int(cfg.extra.get("quarot_seed", cfg.seed))
-    a_clip = float(cfg.extra.get("a_clip", 1.0))
-    if not 0 < a_clip <= 1:
-        raise ValueError(f"a_clip must be in (0, 1], got {a_clip}")
-    if a_clip != 1.0 and cfg.act is not None and cfg.act.scale == "e8m0":
-        raise ValueError("a_clip needs fp16 activation scales; power-of-two (e8m0) scales cannot be shrunk")
     if tied_embeddings(model) and (cfg.embed is None) != (cfg.head is None):
         # the tied tensor had one spec; once untied, the head keeps it (recorded in the config)
         cfg.embed = cfg.head = cfg.embed or cfg.head
@@ -250,9 +246,6 @@ def quarot(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True
     rotate_model(model, seed)
     rotate_ffn_online(model, seed)
     rotate_vo(model, bool(cfg.extra.get("quarot_online_o", True)), seed)
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.a_spec is not None:
-            m.a_clip = a_clip
     log.info("QuaRot: norms fused, residual rotated (seed %d), online Hadamard at down_proj%s", seed,
              " and across heads at o_proj" if cfg.extra.get("quarot_online_o", True) else "")
 

@@ -381,3 +381,26 @@ def test_tied_stories260k():
         quantize_model(load_model(STORIES / "hf")[0],
                        QuantConfig(embed=parse_spec("int8", "channel"), head=parse_spec("int6", "channel")),
                        progress=False)
+
+
+def test_a_clip_applies_to_any_method_and_is_validated(tiny_llama):
+    """--opt a_clip=r shrinks every activation range (scale * r) whatever the method; bad values are refused."""
+    import copy
+
+    import pytest
+
+    from lowbit.config import QuantConfig, parse_spec
+    from lowbit.quantize import quantize_model
+
+    act = parse_spec("int4", "token", symmetric=True)
+    ids = torch.randint(0, 128, (1, 12))
+    outs = []
+    for r in (1.0, 0.8):
+        m = quantize_model(copy.deepcopy(tiny_llama), QuantConfig(act=act, extra={"a_clip": r}), progress=False)
+        assert {q.a_clip for q in m.modules() if isinstance(q, QuantLinear)} == {r}
+        outs.append(m(ids).logits)
+    assert not torch.allclose(outs[0], outs[1])
+    for bad, cfg in ((1.5, QuantConfig(act=act, extra={"a_clip": 1.5})),
+                     (0.9, QuantConfig(weight=parse_spec("int4"), extra={"a_clip": 0.9}))):
+        with pytest.raises(ValueError, match="a_clip"):
+            quantize_model(copy.deepcopy(tiny_llama), cfg, progress=False)
