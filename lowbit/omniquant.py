@@ -43,7 +43,11 @@ block is pulled back towards the float model's trajectory and prefix errors are 
 copied. ``loss = MSE(block_q(x_q), block_fp(x_fp))``; AdamW (weight decay 0), lr 1e-2 for LWC and
 5e-3 for LET, batches of ``omni_batch`` samples in calibration order, ``omni_epochs`` epochs, all in
 fp32 (the block is cast to fp32 while it trains and back afterwards). Inputs of each Linear are
-fake-quantized by its activation spec (e.g. per-token int8) with the straight-through gradient. Only
+fake-quantized by its activation spec (e.g. per-token int8) with the values of ``QuantLinear``; as in
+OmniQuant's dynamic quantizer the gradient also flows through each token's range (straight-through
+rounding, :func:`dynamic_fake_quant`). That keeps the trained function invariant to a common factor of
+the LET scales in the gradient too; with the range held constant the LET scales drift towards zero at
+4-bit activations and the folded block is ruined (per-token ranges taken by the few clamped channels). Only
 the current block trains; the hidden states of all calibration samples are kept (quantized chain and
 float chain). A NaN or inf loss stops with a one-line error naming the block.
 
@@ -74,7 +78,8 @@ from .granularity import PerChannel, PerGroup, PerTensor, reduce_dims, to_groups
 from .models import arch_of, blocks as blocks_of
 from .qmodules import QuantLinear
 from .quantize import register
-from .quantizer import FP16_TINY, QParams, QuantizedWeight, QuantSpec, dequantize, quantize
+from .quantizer import (FP16_TINY, QParams, QuantizedWeight, QuantSpec, _dq_grouped, _q_grouped, compute_qparams,
+                        dequantize, quantize)
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +270,50 @@ class _State:
         self.s_out: dict[str, Tensor] = {}
 
 
+def dynamic_fake_quant(x: Tensor, spec: QuantSpec, a_clip: float = 1.0) -> Tensor:
+    """QuantLinear's activation quantizer, with the range differentiable (OmniQuant's dynamic quantizer).
+
+    Forward: exactly the values of :meth:`QuantLinear.forward` (min-max qparams of ``x`` per token or
+    group, the scale times ``a_clip``). Backward: the straight-through mask for ``x`` *plus* the path
+    through the group's range ``r`` (``max|x|``, or ``max(x, 0) - min(x, 0)`` when asymmetric), which
+    the scale is proportional to::
+
+        dy/dx = inside + (dr/dx) * (y - inside * x) / r
+
+    so that ``y(c x) = c y(x)`` holds for the surrogate as it does for the quantizer. With the range
+    treated as a constant (``fake_quantize``'s gradient), the gradient of LET's ``(X / s) (W s)^T`` along
+    ``s`` itself is ``sum (Q(X / s) - X / s) Q(W s)^T dL/dY``, which correlates with the output error and
+    is positive: every step shrinks all LET scales together, by up to the learning rate under AdamW,
+    although the loss does not depend on their common factor. At 4-bit activations that drift drives
+    scales to ``LET_MIN``, whose channels then dominate each token's range and zero the others.
+    """
+    qp = compute_qparams(x, spec)  # checks the input (NaN, shape) too
+    if a_clip != 1.0:  # as QuantLinear.forward: scale * a_clip, same zero-point
+        qp.scale = qp.scale * a_clip
+    xg, lay = to_groups(x.float(), spec.granularity, qp.perm)
+    xd = xg.detach()
+    q, inside = _q_grouped(xd, qp, spec, None)
+    y = _dq_grouped(q, qp, spec)
+    if not x.requires_grad:
+        return ungroup(y, lay).to(x.dtype)
+    dims = reduce_dims(lay)
+    hi, lo = xg.amax(dims, keepdim=True), xg.amin(dims, keepdim=True)
+    if spec.is_uniform and not spec.symmetric:
+        r = hi.clamp(min=0) - lo.clamp(max=0)
+    else:
+        r = torch.maximum(hi.abs(), lo.abs())
+    rd = r.detach()
+    m = inside.to(xg.dtype)
+    slope = (y - m * xd) / torch.where(rd > 0, rd, torch.ones_like(rd))
+    y = y + (xg - xd) * m + (r - rd) * slope  # the added terms are exactly zero forward
+    return ungroup(y, lay).to(x.dtype)
+
+
 class _OmniLinear(nn.Module):
     """Stands in for one Linear of the training block. ``float``: the plain float Linear (still through
     the QuantLinear's own forward, so input transforms it carries are kept); ``quant``: LET-scaled weight,
-    LWC fake-quant and the module's activation quantizer, all differentiable."""
+    LWC fake-quant and the module's activation quantizer (its values, with the gradient of
+    :func:`dynamic_fake_quant`), all differentiable."""
 
     def __init__(self, name: str, lin: nn.Linear, state: _State):
         super().__init__()
@@ -288,13 +333,18 @@ class _OmniLinear(nn.Module):
         if not isinstance(lin, QuantLinear):
             return F.linear(x.to(w.dtype), w, b)
         lwc = self.lwc if st.quant else None
-        a_spec = lin.a_spec
+        a_spec, a_clip = lin.a_spec, lin.a_clip
         lin.quantized_weight = (lambda: lwc(w)) if lwc is not None else (lambda: w)
-        if not st.quant:
-            lin.a_spec = None
+        lin.a_spec = None  # quantized below, in a pre-hook that runs after any input rotation of the module
+        hook = None
+        if st.quant and a_spec is not None:
+            hook = lin.register_forward_pre_hook(
+                lambda mod, args: (dynamic_fake_quant(args[0], a_spec, a_clip), *args[1:]))
         try:
             out = lin(x)
         finally:
+            if hook is not None:
+                hook.remove()
             del lin.quantized_weight
             lin.a_spec = a_spec
         if st.let and b is not None and self.name in st.s_out:  # LET divided the bias (v -> o): swap it in
