@@ -257,10 +257,10 @@ OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid ptq-s
 ```
 
 {ptq_section("ptq_stories260k", "ptq-stories260k", ("tinystories",))}
-Rows marked `6a0e522+dirty` ran while the only uncommitted change in the checkout was the `gen-data`
-subcommand of `lowbit/cli.py` (committed as e370a1f), which no row uses. OmniQuant at W4A4 (LET on,
-20 epochs) ends far worse than RTN: a known open problem of this implementation at 4-bit activations,
-under investigation; its weight-only and W4A8/W8A8 rows are sound.
+Rows marked `+dirty` ran while the only uncommitted changes in the checkout were new subcommands and
+options of `lowbit/cli.py` (`gen-data`, committed as e370a1f; the dfqat options), which no row uses.
+The OmniQuant weight-activation rows were rerun after commit 920e56b (before it, LET scales drifted to
+their clamp at 4-bit activations: W4A4 ended at 69.1).
 
 ## stories260K: RTN on the TinyStories held-out text (issue 2)
 
