@@ -102,6 +102,16 @@ GRIDS: dict[str, list[Setting]] = {
     ],
     "ptq-smollm2": _ptq_grid(W_ONLY),
     "ptq-stories260k": _ptq_grid(W_ONLY_S260, full_wa=True),
+    # issue 4 on stories260K: data-free QAT and its stages; run with --calib self (no data at all)
+    "dfqat-stories260k": [
+        Setting("fp", full=True),
+        *[row for suffix, w in (("w3-g32", W("int3", "g32")), ("w2-g32", W("int2", "g32"))) for row in (
+            Setting(f"rtn-{suffix}", "rtn", w, full=True),
+            Setting(f"gptq-{suffix}", "gptq", w, full=True),
+            Setting(f"dfqat-tiled-{suffix}", "dfqat", w, full=True, extra={"dfqat_e2e_steps": 0}),
+            Setting(f"dfqat-e2e-{suffix}", "dfqat", w, full=True, extra={"dfqat_tile_steps": 0, "dfqat_e2e_steps": 250}),
+            Setting(f"dfqat-{suffix}", "dfqat", w, full=True))],
+    ],
 }
 
 

@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model (and optionally evaluate and save it)")
     q.add_argument("model", help="short name (stories260k, smollm2-135m), folder, .gguf, llama2.c .bin or hub id")
     q.add_argument("--method", default="rtn",
-                   help="rtn, gptq, awq, hqq, omniquant, spqr, bcq, or a recipe of transforms then one solver, "
+                   help="rtn, gptq, awq, hqq, omniquant, spqr, bcq, dfqat (data-free QAT), or a recipe of transforms "
+                        "then one solver, "
                         "e.g. quarot,gptq or smoothquant,rtn (default rtn)")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, repeatable (e.g. --opt alpha=0.5 --opt epochs=20); recorded in the config")
@@ -125,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(q, "embed", "embeddings", "channel")
     _add_spec_args(q, "head", "head", "channel")
     c = q.add_argument_group("calibration (methods that use data, e.g. gptq)")
-    c.add_argument("--calib", default="c4",
+    c.add_argument("--calib", default=None,
                    help="c4 (documents 1100+ of the C4 sample), a text file, or 'self' (text the float model "
-                        "generates: no data)")
+                        "generates: no data); default c4, self for dfqat (its training data; --opt "
+                        "dfqat_data=FOLDER trains on a gen-data folder instead)")
     c.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-seqlen", type=int, default=None, help="tokens per window (default: the eval seqlen)")
     c.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean(diag H)")
@@ -231,7 +233,7 @@ def cmd_quantize(a) -> dict:
     from .eval import evaluate
     from .export import save_quantized
     from .models import load_model, model_name
-    from .quantize import needs_calibration, quantize_model, validate_config
+    from .quantize import needs_calibration, quantize_model, recipe_steps, validate_config
     from .results import run_metadata, write_json
     from .size import size_report
 
@@ -257,14 +259,25 @@ def cmd_quantize(a) -> dict:
         from .eval import default_seqlen
 
         cl = a.calib_seqlen or default_seqlen(model, a.seqlen)
-        calib = calibration_batches(tok, a.calib, a.nsamples, cl, seed=a.seed, model=model)
+        dfqat = "dfqat" in recipe_steps(cfg.method)
+        source, nsamples = a.calib or ("self" if dfqat else "c4"), a.nsamples
+        if dfqat and cfg.extra.get("dfqat_data"):  # a gen-data folder: its ids are the training data
+            from .datafree import load_dataset
+
+            source = str(cfg.extra["dfqat_data"])
+            calib = load_dataset(source).ids
+            nsamples, cl = (int(n) for n in calib.shape)
+        else:
+            calib = calibration_batches(tok, source, nsamples, cl, seed=a.seed, model=model)
         if "gptq" in cfg.method or "spqr" in cfg.method:
             cfg.extra = {"percdamp": a.percdamp, "act_order": a.act_order} | cfg.extra
-        record["calibration"] = {"source": a.calib, "nsamples": a.nsamples, "seqlen": cl, "seed": a.seed}
+        record["calibration"] = {"source": source, "nsamples": nsamples, "seqlen": cl, "seed": a.seed}
     record["config"] = cfg.to_dict()
     t0 = time.time()
     quantize_model(model, cfg, calib=calib, progress=not a.quiet)
     record["quant_wall_s"] = time.time() - t0
+    if getattr(model, "dfqat_report", None) is not None:  # per tile / end-to-end losses, seconds, steps
+        record["dfqat_report"] = model.dfqat_report
     rep = size_report(model)
     record["bits"] = rep
     if tasks:

@@ -161,7 +161,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
     """
     validate_config(model, cfg)
     steps = recipe_steps(cfg.method)
-    if calib is None and needs_calibration(cfg.method):
+    if calib is None and needs_calibration(cfg.method) and not cfg.extra.get("dfqat_data"):
         need = [s for s in steps if get_algorithm(s).needs_data]
         raise ValueError(f"{', '.join(need)} needs calibration data: pass --calib c4 (or a text file, or 'self' "
                          "for text the model generates)")
