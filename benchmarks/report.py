@@ -262,6 +262,24 @@ options of `lowbit/cli.py` (`gen-data`, committed as e370a1f; the dfqat options)
 The OmniQuant weight-activation rows were rerun after commit 920e56b (before it, LET scales drifted to
 their clamp at 4-bit activations: W4A4 ended at 69.1).
 
+## stories260K: data-free QAT (issue 4, first results)
+
+`--method dfqat`: forward tiled QAT (tiles of 3 decoder blocks, each trained so that its output
+matches the float tile's, L1, LSQ quantizers, weights trained too) then end-to-end distillation
+(forward KL to the float model), all on 128 sequences of 256 tokens **that the float model wrote
+itself** (`--calib self`): no real text is used by any row of this table, GPTQ included (it is
+calibrated on the same self-generated text). Held-out TinyStories text as above.
+
+```
+OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid dfqat-stories260k --datasets tinystories --calib self --nsamples 128 --calib-seqlen 256 --device cpu --out results/dfqat_stories260k
+```
+
+{ptq_section("dfqat_stories260k", "dfqat-stories260k", ("tinystories",))}
+
+For comparison, the PTQ table above (real TinyStories calibration): GPTQ int3 g32 5.98, OmniQuant
+int2 g32 23.47. The time column is the method's wall time on one CPU thread; the self-generated
+text (shared by the rows) is made once per run, outside it.
+
 ## stories260K: RTN on the TinyStories held-out text (issue 2)
 
 Model: `stories260k` (llama2.c, 260K parameters, context 512). Text: the last 10% of the stories
