@@ -2,13 +2,20 @@
 
 Same model, same calibration token ids, same evaluation; one JSON per row under ``--out``
 (default ``results/peers``). The peers are NOT lowbit dependencies: run this script with the
-python of a separate virtual environment that has them (``pip install -e .[peers]`` there, or
-the step-by-step ``--no-deps`` recipe in the module's ``VENV`` text below).
+python of a separate virtual environment that sees the system's torch/transformers/lowbit and adds
+the peers with ``--no-deps`` (the recipe is ``VENV`` below). A plain ``pip install .[peers]`` would
+also pull llm-compressor's pins (transformers<=5.17, auto-round, ...) and test another stack.
 
-    .venv-peers/bin/python benchmarks/peers.py hqq --model stories260k --bits 4,3 --group 32
-    .venv-peers/bin/python benchmarks/peers.py hqq --model smollm2-135m --bits 4,3 --group 64 --windows 40
-    .venv-peers/bin/python benchmarks/peers.py gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1,0
-    .venv-peers/bin/python benchmarks/peers.py table
+    P=".venv-peers/bin/python benchmarks/peers.py"
+    $P hqq --model stories260k --bits 4,3 --group 32
+    $P hqq --model smollm2-135m --bits 4,3 --group 64 --windows 40          # ~6-15 min per row on 1 CPU thread
+    $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1,0     # group 0 = per-channel
+    $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1,0 --llmc-sequential-targets Linear
+    $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1 --seed 1   # (and --seed 2; both peers)
+    $P gptq-solver --model stories260k --bits 4,3 --group 0,32 --act-order 1,0   # same W and H for both solvers
+    $P gptq-agree --model stories260k --bits 4 --group 32 --act-order 1 --seed 1
+    $P refs --model stories260k --bits 4,3 --group 0,32                      # float and lowbit RTN, for context
+    $P table
 
 * ``hqq``: data-free. The ``hqq`` package's own optimizer (``hqq.core.quantize.Quantizer.quantize``
   with ``optimize=True``, its defaults ``lp_norm=0.7, beta=10, kappa=1.01, iters=20``, early stop)
@@ -29,6 +36,11 @@ the step-by-step ``--no-deps`` recipe in the module's ``VENV`` text below).
   fp16 scales / block size 128 / damping 0.01 / act-order (static groups in both). compressed-
   tensors needs every row width to be a multiple of the group size: layers where it is not (the
   down_proj of stories260K at g32) get per-channel scales in BOTH implementations (label ``g32*``).
+  Known differences: llm-compressor takes the Hessians of all Linears of a decoder layer in one pass
+  over that layer's float weights (``--llmc-sequential-targets Linear`` cuts subgraphs at every
+  Linear instead, i.e. true-sequential like lowbit); without act-order lowbit fits each group's scale
+  when the solver reaches it (reference GPTQ) while llm-compressor always uses static groups.
+  ``gptq-solver`` runs both solvers on the same W and H; ``gptq-agree`` counts identical weights.
   Calibration: 128 windows of 256 tokens (seed 0) from the TinyStories sample WITHOUT its held-out
   last 10% of stories (the evaluation text): drawn from the whole file, 16 of the 128 windows would
   overlap the evaluation stories.
@@ -36,7 +48,6 @@ the step-by-step ``--no-deps`` recipe in the module's ``VENV`` text below).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -129,7 +140,7 @@ def set_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- HQQ
-def hqq_peer(W: torch.Tensor, nbits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def hqq_peer(W: torch.Tensor, nbits: int, group: int, round_zero: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``hqq`` package on ``W`` (out, in): (dequantized with fp16 meta, with its float32 meta)."""
     from hqq.core.quantize import Quantizer
 
@@ -139,7 +150,7 @@ def hqq_peer(W: torch.Tensor, nbits: int, group: int) -> tuple[torch.Tensor, tor
     fp16, fp32 = [], []
     for a, b, gs in spans:
         Wq, meta = Quantizer.quantize(W[:, a:b].contiguous().float(), nbits=nbits, channel_wise=True,
-                                      group_size=gs, optimize=True, round_zero=False, axis=1, bitpack=False,
+                                      group_size=gs, optimize=True, round_zero=round_zero, axis=1, bitpack=False,
                                       device="cpu")
         q = Wq.float()
         s, z = meta["scale"].float(), meta["zero"].float()
@@ -165,13 +176,19 @@ def run_hqq(args) -> list[dict]:
     rows = []
     for bits in [int(b) for b in args.bits.split(",")]:
         g = int(args.group)
-        spec = QuantSpec(IntFormat(bits), PerGroup(g), zero_point="float")
+        zp = args.lowbit_zero_point
+        spec = QuantSpec(IntFormat(bits), PerGroup(g), zero_point=zp)
         label_base = f"hqq-{model_name(args.model)}-int{bits}-g{g}"
         ragged = sorted({n.split(".")[-1] for n, w in W0.items() if w.shape[1] % g})
         bpp = bits_per_param([w.shape for w in W0.values()], lambda s: spec)
-        impls = {"lowbit": None, "hqq": None}
-        for impl in impls:
-            label = f"{label_base}-{impl}"
+        # the package's own default (hqq_base_quant_config): round_zero=True at 4 bits, False otherwise;
+        # it only rounds the zero-point the optimizer STARTS from (the result stays fractional)
+        rz = (bits == 4) if args.hqq_round_zero == "default" else bool(int(args.hqq_round_zero))
+        for impl in ("lowbit", "hqq"):
+            if (args.hqq_round_zero != "default" and impl == "lowbit") or (zp == "int" and impl == "hqq"):
+                continue  # a variant of one side only
+            label = (f"{label_base}-{impl}" + ("" if rz == (bits == 4) or impl == "lowbit" else f"-rz{int(rz)}")
+                     + ("-intzero" if impl == "lowbit" and zp == "int" else ""))
             path = out / f"{label}.json"
             if path.exists():
                 rows.append(json.loads(path.read_text()))
@@ -183,7 +200,7 @@ def run_hqq(args) -> list[dict]:
                 if impl == "lowbit":
                     deq[n] = lowbit_hqq(W, spec).dequantize()
                 else:
-                    deq[n], extra[n] = hqq_peer(W, bits, g)
+                    deq[n], extra[n] = hqq_peer(W, bits, g, rz)
             quant_s = time.time() - t0
             per_layer = [{"name": n, **recon(W0[n], deq[n])} for n in W0]
             rec = {k: sum(p[k] for p in per_layer) for k in ("fro_sq", "lp07", "w_sq")}
@@ -199,8 +216,12 @@ def run_hqq(args) -> list[dict]:
             set_weights(model, W0)
             r = {
                 "model": model_name(args.model), "comparison": "hqq", "method": "HQQ (data-free)", "label": label,
-                "implementation": "lowbit" if impl == "lowbit" else f"hqq {pkg_version('hqq')}",
-                "settings": {"nbits": bits, "group_size": g, "axis": 1, "zero_point": "fp16 (fractional)",
+                "implementation": ("lowbit" + (" (integer zero-points)" if zp == "int" else "")) if impl == "lowbit"
+                else f"hqq {pkg_version('hqq')}" + (
+                    "" if rz == (bits == 4) else f" (round_zero={rz})"),
+                "settings": {"nbits": bits, "group_size": g, "axis": 1,
+                             "zero_point": "fp16 (fractional)" if spec.zero_point == "float" or impl == "hqq" else
+                             f"integer ({bits} bits; optimised fractional, rounded to the better neighbour)",
                              "scale": "fp16", "lp_norm": LP, "beta": 10.0, "kappa": 1.01, "iters": 20,
                              "early_stop": True, "optimize_scale": False,
                              "ragged_rows": (f"{', '.join(ragged)}: width not a multiple of {g}; short last group "
@@ -208,7 +229,9 @@ def run_hqq(args) -> list[dict]:
                              "call": ("lowbit.hqq.hqq(W, QuantSpec(IntFormat(b), PerGroup(g), zero_point='float'))"
                                       if impl == "lowbit" else
                                       "hqq.core.quantize.Quantizer.quantize(W, nbits=b, group_size=g, optimize=True, "
-                                      "axis=1, round_zero=False, bitpack=False, device='cpu'); meta -> fp16")},
+                                      f"axis=1, round_zero={rz}, bitpack=False, device='cpu'); meta -> fp16"),
+                             **({"round_zero": rz, "round_zero_is_package_default": rz == (bits == 4)}
+                                if impl == "hqq" else {})},
                 "quantized": "every Linear in the decoder blocks (weights replaced by the dequantized ones); "
                              "embeddings and head in full precision",
                 "calibration": "none (data-free)",
@@ -507,9 +530,43 @@ def run_gptq_solver(args) -> list[dict]:
     return rows
 
 
+def run_gptq_agree(args) -> list[dict]:
+    """End to end, which share of the quantized weights lowbit and llm-compressor have in common, block by
+    block (both sequential pipelines); shows where two runs of the same algorithm drift apart."""
+    out = Path(args.out)
+    meta = run_metadata()
+    _, tok = load_model(args.model)
+    ids, calib_info = calibration_ids(tok, args.nsamples, args.calib_seqlen, args.seed)
+    rows = []
+    for group in [int(g) for g in args.group.split(",")]:
+        for bits in [int(b) for b in args.bits.split(",")]:
+            for act in [bool(int(a)) for a in args.act_order.split(",")]:
+                gl = f"g{group}" if group else "channel"
+                label = f"gptq-agree-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}-seed{args.seed}"
+                a = dict(block_linears(lowbit_gptq(args.model, ids, bits, group, act, args.seed)[0]))
+                peers_ = {"llmcompressor": llmc_gptq(args.model, ids, bits, group, act, args.seed)[0],
+                          "llmcompressor (sequential_targets=Linear)":
+                              llmc_gptq(args.model, ids, bits, group, act, args.seed, sequential_targets=["Linear"])[0]}
+                agree = {}
+                for pname, pm in peers_.items():
+                    b = dict(block_linears(pm))
+                    agree[pname] = {n: float(((a[n].weight - b[n].weight).abs()
+                                              <= 1e-6 * a[n].weight.abs().max()).float().mean()) for n in a}
+                r = {"model": model_name(args.model), "comparison": "gptq-agree", "label": label,
+                     "method": "GPTQ end to end: share of identical quantized weights, lowbit vs each peer run",
+                     "settings": {"nbits": bits, "granularity": gl, "act_order": act, "percdamp": 0.01,
+                                  "block_size": 128},
+                     "calibration": calib_info, "agreement": agree, "seed": args.seed, **meta}
+                write_json(out / f"{label}.json", r)
+                rows.append(r)
+                for pname, ag in agree.items():
+                    print(f"{label} vs {pname}: " + ", ".join(f"{k.split('.', 3)[2]}.{k.rsplit('.', 1)[1]} {v:.4f}"
+                                                               for k, v in ag.items()), flush=True)
+    return rows
+
+
 def run_refs(args) -> list[dict]:
     """Context rows: the float model and lowbit RTN at the same settings (same evaluation)."""
-    from lowbit.config import QuantConfig
     from lowbit.qmodules import QuantLinear, replace_modules
 
     out = Path(args.out)
@@ -526,6 +583,7 @@ def run_refs(args) -> list[dict]:
             continue
         model, tok = load_model(args.model)
         bpp = None
+        t0 = time.time()
         if bits:
             replace_modules(model, lambda m, n: QuantLinear.from_linear(m, _specs(bits, group, m.in_features)),
                             block_linear_filter(model))
@@ -533,14 +591,21 @@ def run_refs(args) -> list[dict]:
                 m.freeze()
             bpp = bits_per_param([m.weight.shape for _, m in block_linears(model)],
                                  lambda s: _specs(bits, group, s[1]))
+        quant_s = time.time() - t0
         model.eval()
         metric = evaluate(model, tok, args.model, args.windows, out, label)
         r = {"model": model_name(args.model), "comparison": "reference", "label": label,
              "method": "float" if not bits else "RTN (min-max, integer zero)", "implementation": "lowbit",
-             "settings": None if not bits else {"nbits": bits, "group_size": group or "channel",
-                                                "note": "per-channel where the row width is not a multiple"},
-             "bits_per_param_blocks": bpp, "metrics": {metric["dataset"]: metric}, "ppl": metric["ppl"],
-             "windows": f"{metric['windows']}/{metric['windows_total']}", "seed": args.seed, **meta}
+             "settings": None if not bits else {
+                 "nbits": bits, "group_size": group or "channel", "zero_point": "integer", "scale": "fp16",
+                 "per_channel_layers": sorted({n.rsplit(".", 1)[-1] for n, m in block_linears(model)
+                                               if group and m.in_features % group}) or None},
+             "quantized": "none" if not bits else "every Linear in the decoder blocks; embeddings and head in full "
+                                                    "precision",
+             "calibration": "none (data-free)", "bits_per_param_blocks": bpp,
+             "metrics": {metric["dataset"]: metric}, "ppl": metric["ppl"],
+             "windows": f"{metric['windows']}/{metric['windows_total']}", "quant_wall_s": quant_s,
+             "eval_wall_s": metric["wall_s"], "seed": args.seed, **meta}
         write_json(path, r)
         rows.append(r)
         print(f"{label}: ppl {metric['ppl']:.4f}", flush=True)
@@ -572,6 +637,10 @@ def table(out: Path) -> str:
     if pairs:
         lines += ["== lowbit - peer, paired over evaluation windows (mean NLL difference; < 0: lowbit better)",
                   format_table(pairs, list(pairs[0])), ""]
+    multi = seed_means(rows)
+    if multi:
+        lines += ["== gptq, mean over calibration seeds (ppl of each seed in brackets)",
+                  format_table(multi, list(multi[0])), ""]
     solver = [r for r in rows if r.get("comparison") == "gptq-solver"]
     if solver:
         flat = [{"model": r["model"], "setting": f"int{r['settings']['nbits']} {r['settings']['granularity']}",
@@ -583,6 +652,25 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def seed_means(rows: list[dict]) -> list[dict]:
+    """GPTQ rows run with several calibration seeds: the mean perplexity of each implementation."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("comparison") == "gptq":
+            key = (r["model"], _setting(r), r["settings"]["act_order"], r["implementation"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (model, setting, act, impl), rs in sorted(groups.items()):
+        if len(rs) < 2:
+            continue
+        rs.sort(key=lambda r: r["seed"])
+        ppl = [r["ppl"] for r in rs]
+        out.append({"model": model, "setting": setting + (" act" if act else " noact"), "implementation": impl,
+                    "seeds": ",".join(str(r["seed"]) for r in rs), "mean ppl": sum(ppl) / len(ppl),
+                    "per seed": "[" + ", ".join(f"{p:.3f}" for p in ppl) + "]"})
+    return out
+
+
 def paired(rows: list[dict]) -> list[dict]:
     """For each lowbit row with a peer row of the same setting: mean and standard error of the
     per-window NLL difference (the windows are the same text in both)."""
@@ -590,10 +678,11 @@ def paired(rows: list[dict]) -> list[dict]:
     by = {r["label"]: r for r in rows if "label" in r}
     for lab, r in sorted(by.items()):
         if r.get("comparison") not in ("hqq", "gptq") or not lab.endswith("-lowbit"):
-            continue
+            continue  # (lowbit variants such as -lowbit-intzero are listed, not paired)
         base = lab[: -len("lowbit")]
         for plab, p in by.items():
-            if not plab.startswith(base) or plab == lab:
+            if (not plab.startswith(base) or plab == lab or plab[len(base):].startswith("seed")
+                    or p["implementation"].startswith("lowbit")):
                 continue
             (ds, a), = r["metrics"].items()
             b = p["metrics"][ds]
@@ -613,20 +702,28 @@ def paired(rows: list[dict]) -> list[dict]:
 def _setting(r: dict) -> str:
     s = r.get("settings") or {}
     if r.get("comparison") == "hqq":
-        return f"int{s['nbits']} g{s['group_size']} fp16-zero"
+        return f"int{s['nbits']} g{s['group_size']} " + ("int-zero" if s["zero_point"].startswith("integer")
+                                                          else "fp16-zero")
     if r.get("comparison") == "gptq":
         return f"int{s['nbits']} {s['granularity']} asym"
-    return "fp" if not s else f"int{s['nbits']} {s['group_size'] if s['group_size'] == 'channel' else 'g%s' % s['group_size']}"
+    if not s:
+        return "fp"
+    g = "channel" if s["group_size"] == "channel" else f"g{s['group_size']}" + ("*" if s.get("per_channel_layers") else "")
+    return f"int{s['nbits']} {g} asym"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["hqq", "gptq", "gptq-solver", "refs", "table"])
+    ap.add_argument("what", choices=["hqq", "gptq", "gptq-solver", "gptq-agree", "refs", "table"])
     ap.add_argument("--model", default="stories260k", choices=sorted(EVAL))
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group", default="32", help="hqq: one group size; gptq/refs: comma list, 0 = per-channel")
     ap.add_argument("--act-order", default="1", help="gptq: comma list of 1/0")
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all)")
+    ap.add_argument("--hqq-round-zero", default="default", choices=["default", "0", "1"],
+                    help="hqq: the package's round_zero (default: its own default, True at 4 bits)")
+    ap.add_argument("--lowbit-zero-point", default="float", choices=["float", "int"],
+                    help="hqq: lowbit's zero-points (float = fp16 like the package; int = lowbit's default spec)")
     ap.add_argument("--llmc-sequential-targets", default=None,
                     help="gptq: only llm-compressor rows, with these sequential_targets (e.g. Linear)")
     ap.add_argument("--nsamples", type=int, default=128)
@@ -642,6 +739,8 @@ def main() -> None:
         run_gptq(args)
     elif args.what == "gptq-solver":
         run_gptq_solver(args)
+    elif args.what == "gptq-agree":
+        run_gptq_agree(args)
     elif args.what == "refs":
         run_refs(args)
     print(table(Path(args.out)))

@@ -145,6 +145,19 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
     return ptq_table(rows, order, list(datasets)) + f"\n\nProvenance: {provenance(rows)}." + note
 
 
+def peers_section() -> str:
+    rows = [r for r in _load(RES / "peers") if "implementation" in r]
+    if not rows:
+        return "_no results yet_"
+    out = ["| comparison | model | row | implementation | bits/param blocks | ppl (windows) | quant wall s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["comparison"], r["model"], r["label"])):
+        out.append(f"| {r['method']} | {r['model']} | {r['label']} | {r['implementation']} | "
+                   f"{_f(r.get('bits_per_param_blocks'), 3)} | {_f(r.get('ppl'))} ({r.get('windows', '?')}) | "
+                   f"{_f(r.get('quant_wall_s'), 1)} |")
+    return "\n".join(out) + f"\n\nProvenance: {provenance(rows)}."
+
+
 def provenance(rows: list[dict]) -> str:
     if not rows:
         return "_no results yet_"
@@ -261,6 +274,16 @@ Rows marked `+dirty` ran while the only uncommitted changes in the checkout were
 options of `lowbit/cli.py` (`gen-data`, committed as e370a1f; the dfqat options), which no row uses.
 The OmniQuant weight-activation rows were rerun after commit 920e56b (before it, LET scales drifted to
 their clamp at 4-bit activations: W4A4 ended at 69.1).
+
+## Independent implementations side by side (issue 3)
+
+`benchmarks/peers.py` runs the PyPI packages `hqq` and `llmcompressor` (GPTQ) on the same model,
+the same calibration token ids and the same evaluation as lowbit's HQQ and GPTQ, and writes one
+JSON per row under `results/peers/` (the peers live in a separate virtual environment, see the
+script's docstring; they are an optional extra, never a dependency of lowbit). Every command is in
+each record's `command` field. The records name the lowbit commit they ran against; the script itself was still being extended while they ran, and its version here is the one that made them (later sessions: rerun from this commit to refresh the provenance).
+
+{peers_section()}
 
 ## stories260K: data-free QAT (issue 4, first results)
 
