@@ -285,6 +285,15 @@ each record's `command` field. The records name the lowbit commit they ran again
 
 {peers_section()}
 
+Verdict (from these rows; calibration: 128 x 256 tokens of the first 2,084 TinyStories stories, for
+both implementations). GPTQ: given the same Hessian the two solvers agree on >= 99.98% of the values;
+end to end lowbit is as good or better per-channel and within 0.1-0.2% at g32* (down_proj per-channel in
+both, since compressed-tensors needs groups that divide the row), inside the seed-to-seed spread. HQQ:
+lowbit is as good or better on stories260K and on SmolLM2 int3 g64, and reaches the lowest l_0.7
+objective everywhere; it **loses on SmolLM2 int4 g64** to the package's default (26.40 vs 25.19, 40
+windows), whose 4-bit path starts the solver from a rounded zero-point; from the same start lowbit
+ties (26.37 vs the package's `round_zero=False` 26.37). A rounded-zero start option is on the to-do list.
+
 ## stories260K: data-free QAT (issue 4, first results)
 
 `--method dfqat`: forward tiled QAT (tiles of 3 decoder blocks, each trained so that its output
