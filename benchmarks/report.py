@@ -98,10 +98,7 @@ def _calib_cell(r: dict) -> str:
     return f"{c['source']} {c['nsamples']}x{c['seqlen']}"
 
 
-SUFFIXES: list[str] = []
-
-
-def ptq_table(rows: list[dict], order: list[str], datasets: list[str]) -> str:
+def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes: list[str]) -> str:
     """One row per (setting, method): bits, perplexities, calibration, cost."""
     by = {r["label"]: r for r in rows}
     head = ["setting", "method", "weights", "activations", "calibration", "bits/param blocks", "bits/param model",
@@ -117,7 +114,7 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str]) -> str:
             (" sym" if w["symmetric"] else " asym") if w["format"].startswith("int") else "") + (
             " fp16-zero" if w.get("zero_point") == "float" else "")
         adesc = "–" if not a else f"{a['format']} per {a['granularity']}"
-        setting = next((x for x in SUFFIXES if label.endswith(x)), label)
+        setting = next((x for x in suffixes if label.endswith(x)), label)
         method = label[:-len(setting) - 1] if label != setting else r["method"]
         cells = [setting, method, wdesc, adesc, _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                  _f(r["bits"]["model_bits_per_param"], 3), *[_ppl_cell(r, d) for d in datasets],
@@ -131,9 +128,7 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ptq_grid import GRIDS, SUFFIXES as suf
-
-    SUFFIXES[:] = suf
+    from ptq_grid import GRIDS, SUFFIXES
     rows = _load(RES / folder)
     if not rows:
         return "_no results yet_"
@@ -142,7 +137,7 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
     order = sorted(labels, key=lambda lab: ["fp", *SUFFIXES].index(setting(lab)))  # stable: grid order within
     missing = [lab for lab in labels if lab not in {r["label"] for r in rows}]
     note = (f"\n\nNot run yet ({len(missing)} of {len(labels)} rows): {', '.join(missing)}." if missing else "")
-    return ptq_table(rows, order, list(datasets)) + f"\n\nProvenance: {provenance(rows)}." + note
+    return ptq_table(rows, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}." + note
 
 
 def peers_section() -> str:

@@ -269,7 +269,7 @@ def cmd_quantize(a) -> dict:
             nsamples, cl = (int(n) for n in calib.shape)
         else:
             calib = calibration_batches(tok, source, nsamples, cl, seed=a.seed, model=model)
-        if "gptq" in cfg.method or "spqr" in cfg.method:
+        if {"gptq", "spqr"} & set(recipe_steps(cfg.method)):  # the Hessian solvers' CLI flags
             cfg.extra = {"percdamp": a.percdamp, "act_order": a.act_order} | cfg.extra
         record["calibration"] = {"source": source, "nsamples": nsamples, "seqlen": cl, "seed": a.seed}
     record["config"] = cfg.to_dict()
