@@ -381,59 +381,66 @@ def llmc_gptq(model_id: str, ids: torch.Tensor, bits: int, group: int, act_order
     return fresh, tok, quant_s, info
 
 
+
+def _gptq_settings(args):
+    """(group, bits, act_order) for every combination of the comma-separated --group/--bits/--act-order."""
+    import itertools
+
+    return itertools.product([int(g) for g in args.group.split(",")], [int(b) for b in args.bits.split(",")],
+                             [bool(int(a)) for a in args.act_order.split(",")])
+
+
 def run_gptq(args) -> list[dict]:
     out = Path(args.out)
     meta = run_metadata()
     _, tok = load_model(args.model)
     ids, calib_info = calibration_ids(tok, args.nsamples, args.calib_seqlen, args.seed)
     rows = []
-    for group in [int(g) for g in args.group.split(",")]:
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for act in [bool(int(a)) for a in args.act_order.split(",")]:
-                impls = [("lowbit", lowbit_gptq), ("llmcompressor", llmc_gptq)]
-                if args.llmc_sequential_targets:  # an extra peer row with finer sequential subgraphs
-                    tg = args.llmc_sequential_targets.split(",")
-                    impls = [("llmcompressor-seq" + "-".join(t.lower() for t in tg),
-                              lambda *a, tg=tg: llmc_gptq(*a, sequential_targets=tg))]
-                for impl, fn in impls:
-                    gl = f"g{group}" if group else "channel"
-                    seed = f"-seed{args.seed}" if args.seed else ""
-                    label = f"gptq-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}{seed}-{impl}"
-                    path = out / f"{label}.json"
-                    if path.exists():
-                        rows.append(json.loads(path.read_text()))
-                        print(f"skip {label} (exists)")
-                        continue
-                    model, tok, quant_s, info = fn(args.model, ids, bits, group, act, args.seed)
-                    model.eval()
-                    shapes = [m.weight.shape for _, m in block_linears(model)]
-                    chan_layers = sorted({n.rsplit(".", 1)[-1] for n, m in block_linears(model)
-                                          if group and m.in_features % group})
-                    bpp = bits_per_param(shapes, lambda s: _specs(bits, group, s[1]))
-                    metric = evaluate(model, tok, args.model, args.windows, out, label)
-                    r = {
-                        "model": model_name(args.model), "comparison": "gptq", "method": "GPTQ", "label": label,
-                        "implementation": "lowbit" if impl == "lowbit" else (
-                            f"llmcompressor {pkg_version('llmcompressor')}" + (
-                                f" (sequential_targets={args.llmc_sequential_targets})"
-                                if impl != "llmcompressor" else "")),
-                        "settings": {"nbits": bits, "granularity": gl + ("*" if chan_layers else ""),
-                                     "per_channel_layers": chan_layers or None, "symmetric": False,
-                                     "scale": "fp16", "zero_point": "integer", "act_order": act,
-                                     "static_groups": True, "percdamp": 0.01, "block_size": 128, **info},
-                        "quantized": "every Linear in the decoder blocks; embeddings and head in full precision",
-                        "calibration": calib_info,
-                        "bits_per_param_blocks": bpp,
-                        "metrics": {metric["dataset"]: metric}, "ppl": metric["ppl"],
-                        "windows": f"{metric['windows']}/{metric['windows_total']}",
-                        "quant_wall_s": quant_s, "eval_wall_s": metric["wall_s"], "seed": args.seed,
-                        "peer_versions": {p: pkg_version(p) for p in ("llmcompressor", "compressed-tensors")},
-                        **meta,
-                    }
-                    write_json(path, r)
-                    rows.append(r)
-                    print(f"{label}: ppl {metric['ppl']:.4f}, quant {quant_s:.1f}s", flush=True)
-                    del model
+    for group, bits, act in _gptq_settings(args):
+        impls = [("lowbit", lowbit_gptq), ("llmcompressor", llmc_gptq)]
+        if args.llmc_sequential_targets:  # an extra peer row with finer sequential subgraphs
+            tg = args.llmc_sequential_targets.split(",")
+            impls = [("llmcompressor-seq" + "-".join(t.lower() for t in tg),
+                      lambda *a, tg=tg: llmc_gptq(*a, sequential_targets=tg))]
+        for impl, fn in impls:
+            gl = f"g{group}" if group else "channel"
+            seed = f"-seed{args.seed}" if args.seed else ""
+            label = f"gptq-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}{seed}-{impl}"
+            path = out / f"{label}.json"
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                print(f"skip {label} (exists)")
+                continue
+            model, tok, quant_s, info = fn(args.model, ids, bits, group, act, args.seed)
+            model.eval()
+            shapes = [m.weight.shape for _, m in block_linears(model)]
+            chan_layers = sorted({n.rsplit(".", 1)[-1] for n, m in block_linears(model)
+                                  if group and m.in_features % group})
+            bpp = bits_per_param(shapes, lambda s: _specs(bits, group, s[1]))
+            metric = evaluate(model, tok, args.model, args.windows, out, label)
+            r = {
+                "model": model_name(args.model), "comparison": "gptq", "method": "GPTQ", "label": label,
+                "implementation": "lowbit" if impl == "lowbit" else (
+                    f"llmcompressor {pkg_version('llmcompressor')}" + (
+                        f" (sequential_targets={args.llmc_sequential_targets})"
+                        if impl != "llmcompressor" else "")),
+                "settings": {"nbits": bits, "granularity": gl + ("*" if chan_layers else ""),
+                             "per_channel_layers": chan_layers or None, "symmetric": False,
+                             "scale": "fp16", "zero_point": "integer", "act_order": act,
+                             "static_groups": True, "percdamp": 0.01, "block_size": 128, **info},
+                "quantized": "every Linear in the decoder blocks; embeddings and head in full precision",
+                "calibration": calib_info,
+                "bits_per_param_blocks": bpp,
+                "metrics": {metric["dataset"]: metric}, "ppl": metric["ppl"],
+                "windows": f"{metric['windows']}/{metric['windows_total']}",
+                "quant_wall_s": quant_s, "eval_wall_s": metric["wall_s"], "seed": args.seed,
+                "peer_versions": {p: pkg_version(p) for p in ("llmcompressor", "compressed-tensors")},
+                **meta,
+            }
+            write_json(path, r)
+            rows.append(r)
+            print(f"{label}: ppl {metric['ppl']:.4f}, quant {quant_s:.1f}s", flush=True)
+            del model
     return rows
 
 
@@ -471,62 +478,60 @@ def run_gptq_solver(args) -> list[dict]:
     Hs = float_hessians(model, ids)
     W0 = {n: m.weight.detach().float().clone() for n, m in block_linears(model)}
     rows = []
-    for group in [int(g) for g in args.group.split(",")]:
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for act in [bool(int(a)) for a in args.act_order.split(",")]:
-                gl = f"g{group}" if group else "channel"
-                label = f"gptq-solver-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}"
-                per_layer, t_lb, t_pc = [], 0.0, 0.0
-                for n, W in W0.items():
-                    H = Hs[n]
-                    R, C = W.shape
-                    spec = _specs(bits, group, C)
-                    t0 = time.time()
-                    Ql = lowbit_solver(W, H, spec, block_size=128, percdamp=0.01, act_order=act).dequantize()
-                    t_lb += time.time() - t0
-                    grp = isinstance(spec.granularity, PerGroup)
-                    qa = QuantizationArgs(num_bits=bits, type="int", symmetric=False,
-                                          strategy="group" if grp else "channel", group_size=group if grp else None,
-                                          actorder="static" if act else None, scale_dtype=torch.float16)
-                    Wg = W.reshape(R, C // group, group) if grp else W.reshape(R, 1, C)
-                    scale, zp = calculate_qparams(Wg.amin(-1), Wg.amax(-1), qa)
-                    t0 = time.time()
-                    Qp, _, fallback = quantize_weight(W[None].clone(), H.float()[None].clone(), scale[None], zp[None],
-                                                      None, qa, blocksize=128, percdamp=0.01)
-                    t_pc += time.time() - t0
-                    Qp = Qp[0].float()
+    for group, bits, act in _gptq_settings(args):
+        gl = f"g{group}" if group else "channel"
+        label = f"gptq-solver-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}"
+        per_layer, t_lb, t_pc = [], 0.0, 0.0
+        for n, W in W0.items():
+            H = Hs[n]
+            R, C = W.shape
+            spec = _specs(bits, group, C)
+            t0 = time.time()
+            Ql = lowbit_solver(W, H, spec, block_size=128, percdamp=0.01, act_order=act).dequantize()
+            t_lb += time.time() - t0
+            grp = isinstance(spec.granularity, PerGroup)
+            qa = QuantizationArgs(num_bits=bits, type="int", symmetric=False,
+                                  strategy="group" if grp else "channel", group_size=group if grp else None,
+                                  actorder="static" if act else None, scale_dtype=torch.float16)
+            Wg = W.reshape(R, C // group, group) if grp else W.reshape(R, 1, C)
+            scale, zp = calculate_qparams(Wg.amin(-1), Wg.amax(-1), qa)
+            t0 = time.time()
+            Qp, _, fallback = quantize_weight(W[None].clone(), H.float()[None].clone(), scale[None], zp[None],
+                                              None, qa, blocksize=128, percdamp=0.01)
+            t_pc += time.time() - t0
+            Qp = Qp[0].float()
 
-                    def loss(Q):
-                        D = (W - Q).double()
-                        return float(torch.einsum("ij,jk,ik->", D, H, D))
-                    per_layer.append({"name": n, "lowbit": loss(Ql), "peer": loss(Qp),
-                                      "same_values": float(((Ql - Qp).abs() <= 1e-6 * W.abs().max()).float().mean()),
-                                      "peer_rtn_fallback": bool(fallback[0])})
-                tot_l, tot_p = sum(p["lowbit"] for p in per_layer), sum(p["peer"] for p in per_layer)
-                r = {"model": model_name(args.model), "comparison": "gptq-solver", "label": label,
-                     "method": "GPTQ solver only (one Linear at a time, same W and H)",
-                     "implementation": f"lowbit.gptq.gptq vs llmcompressor {pkg_version('llmcompressor')} "
-                                       "modifiers.gptq.gptq_quantize.quantize_weight",
-                     "settings": {"nbits": bits, "granularity": gl, "per_channel_layers": sorted(
-                         {n.rsplit('.', 1)[-1] for n, w in W0.items() if group and w.shape[1] % group}) or None,
-                                  "act_order": act, "percdamp": 0.01, "block_size": 128, "scale": "fp16",
-                                  "zero_point": "integer", "hessian": "float model inputs, every Linear (2/N X X^T)",
-                                  "note": "lowbit without act_order fits each group's scale when the solver reaches "
-                                          "it (reference GPTQ); llm-compressor always uses the min-max qparams of "
-                                          "the original weight (static groups)"},
-                     "calibration": calib_info,
-                     "metrics": {"layer_loss_sum": {"lowbit": tot_l, "peer": tot_p},
-                                 "layers_lowbit_better_or_equal": sum(p["lowbit"] <= p["peer"] * (1 + 1e-9)
-                                                                      for p in per_layer),
-                                 "layers": len(per_layer),
-                                 "same_values_mean": sum(p["same_values"] for p in per_layer) / len(per_layer)},
-                     "per_layer": per_layer, "solver_wall_s": {"lowbit": t_lb, "peer": t_pc}, "seed": args.seed,
-                     "peer_versions": {p: pkg_version(p) for p in ("llmcompressor", "compressed-tensors")}, **meta}
-                write_json(out / f"{label}.json", r)
-                rows.append(r)
-                print(f"{label}: sum tr(dW H dW^T) lowbit {tot_l:.6g} vs llm-compressor {tot_p:.6g}; "
-                      f"lowbit <= peer on {r['metrics']['layers_lowbit_better_or_equal']}/{len(per_layer)} layers; "
-                      f"identical values {r['metrics']['same_values_mean']:.3f}", flush=True)
+            def loss(Q):
+                D = (W - Q).double()
+                return float(torch.einsum("ij,jk,ik->", D, H, D))
+            per_layer.append({"name": n, "lowbit": loss(Ql), "peer": loss(Qp),
+                              "same_values": float(((Ql - Qp).abs() <= 1e-6 * W.abs().max()).float().mean()),
+                              "peer_rtn_fallback": bool(fallback[0])})
+        tot_l, tot_p = sum(p["lowbit"] for p in per_layer), sum(p["peer"] for p in per_layer)
+        r = {"model": model_name(args.model), "comparison": "gptq-solver", "label": label,
+             "method": "GPTQ solver only (one Linear at a time, same W and H)",
+             "implementation": f"lowbit.gptq.gptq vs llmcompressor {pkg_version('llmcompressor')} "
+                               "modifiers.gptq.gptq_quantize.quantize_weight",
+             "settings": {"nbits": bits, "granularity": gl, "per_channel_layers": sorted(
+                 {n.rsplit('.', 1)[-1] for n, w in W0.items() if group and w.shape[1] % group}) or None,
+                          "act_order": act, "percdamp": 0.01, "block_size": 128, "scale": "fp16",
+                          "zero_point": "integer", "hessian": "float model inputs, every Linear (2/N X X^T)",
+                          "note": "lowbit without act_order fits each group's scale when the solver reaches "
+                                  "it (reference GPTQ); llm-compressor always uses the min-max qparams of "
+                                  "the original weight (static groups)"},
+             "calibration": calib_info,
+             "metrics": {"layer_loss_sum": {"lowbit": tot_l, "peer": tot_p},
+                         "layers_lowbit_better_or_equal": sum(p["lowbit"] <= p["peer"] * (1 + 1e-9)
+                                                              for p in per_layer),
+                         "layers": len(per_layer),
+                         "same_values_mean": sum(p["same_values"] for p in per_layer) / len(per_layer)},
+             "per_layer": per_layer, "solver_wall_s": {"lowbit": t_lb, "peer": t_pc}, "seed": args.seed,
+             "peer_versions": {p: pkg_version(p) for p in ("llmcompressor", "compressed-tensors")}, **meta}
+        write_json(out / f"{label}.json", r)
+        rows.append(r)
+        print(f"{label}: sum tr(dW H dW^T) lowbit {tot_l:.6g} vs llm-compressor {tot_p:.6g}; "
+              f"lowbit <= peer on {r['metrics']['layers_lowbit_better_or_equal']}/{len(per_layer)} layers; "
+              f"identical values {r['metrics']['same_values_mean']:.3f}", flush=True)
     return rows
 
 
@@ -538,30 +543,28 @@ def run_gptq_agree(args) -> list[dict]:
     _, tok = load_model(args.model)
     ids, calib_info = calibration_ids(tok, args.nsamples, args.calib_seqlen, args.seed)
     rows = []
-    for group in [int(g) for g in args.group.split(",")]:
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for act in [bool(int(a)) for a in args.act_order.split(",")]:
-                gl = f"g{group}" if group else "channel"
-                label = f"gptq-agree-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}-seed{args.seed}"
-                a = dict(block_linears(lowbit_gptq(args.model, ids, bits, group, act, args.seed)[0]))
-                peers_ = {"llmcompressor": llmc_gptq(args.model, ids, bits, group, act, args.seed)[0],
-                          "llmcompressor (sequential_targets=Linear)":
-                              llmc_gptq(args.model, ids, bits, group, act, args.seed, sequential_targets=["Linear"])[0]}
-                agree = {}
-                for pname, pm in peers_.items():
-                    b = dict(block_linears(pm))
-                    agree[pname] = {n: float(((a[n].weight - b[n].weight).abs()
-                                              <= 1e-6 * a[n].weight.abs().max()).float().mean()) for n in a}
-                r = {"model": model_name(args.model), "comparison": "gptq-agree", "label": label,
-                     "method": "GPTQ end to end: share of identical quantized weights, lowbit vs each peer run",
-                     "settings": {"nbits": bits, "granularity": gl, "act_order": act, "percdamp": 0.01,
-                                  "block_size": 128},
-                     "calibration": calib_info, "agreement": agree, "seed": args.seed, **meta}
-                write_json(out / f"{label}.json", r)
-                rows.append(r)
-                for pname, ag in agree.items():
-                    print(f"{label} vs {pname}: " + ", ".join(f"{k.split('.', 3)[2]}.{k.rsplit('.', 1)[1]} {v:.4f}"
-                                                               for k, v in ag.items()), flush=True)
+    for group, bits, act in _gptq_settings(args):
+        gl = f"g{group}" if group else "channel"
+        label = f"gptq-agree-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}-seed{args.seed}"
+        a = dict(block_linears(lowbit_gptq(args.model, ids, bits, group, act, args.seed)[0]))
+        peers_ = {"llmcompressor": llmc_gptq(args.model, ids, bits, group, act, args.seed)[0],
+                  "llmcompressor (sequential_targets=Linear)":
+                      llmc_gptq(args.model, ids, bits, group, act, args.seed, sequential_targets=["Linear"])[0]}
+        agree = {}
+        for pname, pm in peers_.items():
+            b = dict(block_linears(pm))
+            agree[pname] = {n: float(((a[n].weight - b[n].weight).abs()
+                                      <= 1e-6 * a[n].weight.abs().max()).float().mean()) for n in a}
+        r = {"model": model_name(args.model), "comparison": "gptq-agree", "label": label,
+             "method": "GPTQ end to end: share of identical quantized weights, lowbit vs each peer run",
+             "settings": {"nbits": bits, "granularity": gl, "act_order": act, "percdamp": 0.01,
+                          "block_size": 128},
+             "calibration": calib_info, "agreement": agree, "seed": args.seed, **meta}
+        write_json(out / f"{label}.json", r)
+        rows.append(r)
+        for pname, ag in agree.items():
+            print(f"{label} vs {pname}: " + ", ".join(f"{k.split('.', 3)[2]}.{k.rsplit('.', 1)[1]} {v:.4f}"
+                                                       for k, v in ag.items()), flush=True)
     return rows
 
 
