@@ -195,18 +195,28 @@ def _live(root: nn.Module) -> list[QuantLinear]:
 
 
 def _param_groups(root: nn.Module, lr: float, q_lr: float) -> list[dict]:
-    """AdamW groups: the live Linears' weights, and their learnable quantizers' parameters."""
-    weights, qps, seen = [], [], set()
+    """AdamW groups: the live Linears' weights, and their learnable quantizers' parameters. A learner with
+    ``lr_groups() -> [(params, multiplier), ...]`` (:mod:`lowbit.mixed`) gets one group per entry at
+    ``q_lr * multiplier``."""
+    weights, qps, extra, seen = [], [], [], set()
     for m in _live(root):
         if id(m.weight) not in seen:
             seen.add(id(m.weight))
             weights.append(m.weight)
         learner = getattr(m, "learner", None)
+        if learner is not None and hasattr(learner, "lr_groups"):  # parameters with their own learning rates
+            for params, mult in learner.lr_groups():
+                fresh = [p for p in params if id(p) not in seen]
+                seen.update(id(p) for p in fresh)
+                if fresh:
+                    extra.append({"params": fresh, "lr": q_lr * mult})
+            continue
         for p in ([] if learner is None else learner.parameters()):
             if id(p) not in seen:
                 seen.add(id(p))
                 qps.append(p)
-    return ([{"params": weights, "lr": lr}] if weights else []) + ([{"params": qps, "lr": q_lr}] if qps else [])
+    return (([{"params": weights, "lr": lr}] if weights else []) + ([{"params": qps, "lr": q_lr}] if qps else [])
+            + extra)
 
 
 def _stream_seed(seed: int, stage: str, epoch: int) -> int:
@@ -511,8 +521,16 @@ def _run_key(cfg: QuantConfig, teacher: nn.Module, ids: Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------------- stages
+Penalty = Callable[[nn.Module, int, int], Tensor]  # (trained root, step, steps) -> extra loss (lowbit.mixed)
+
+
 def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, seed: int, ck: _Checkpoint,
-                 report: list[dict], progress: bool) -> None:
+                 report: list[dict], progress: bool, penalty: Penalty | None = None,
+                 freeze_tiles: bool | None = None) -> None:
+    """Forward tiled QAT (module docstring). ``penalty(tile, step, steps)`` is added to each step's loss;
+    ``freeze_tiles`` (default: when no end-to-end stage follows) freezes each tile once trained."""
+    if freeze_tiles is None:
+        freeze_tiles = opts["dfqat_e2e_steps"] == 0
     blocks, tblocks = list(blocks_of(model)), list(blocks_of(teacher))
     k, kind = opts["dfqat_tile"], opts["dfqat_tile_loss"]
     chunk = max(opts["dfqat_batch"], 16)  # sequences per no-grad pass (targets, propagation, errors)
@@ -550,7 +568,8 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
                 h = xq[idx]
                 for blk in stu:
                     h = run_block(blk, h, kw)
-                return _tile_loss(h, target[idx], kind)
+                loss = _tile_loss(h, target[idx], kind)
+                return loss if penalty is None else loss + penalty(tile, step, opts["dfqat_tile_steps"])
 
             bar = tqdm(total=opts["dfqat_tile_steps"], desc=f"dfqat {label}", disable=not progress, unit="step")
             try:
@@ -563,7 +582,7 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
                     p.grad = None
             if not _finite(params):
                 raise ValueError(f"dfqat: {label}: non-finite weights after training")
-        if opts["dfqat_e2e_steps"] == 0:  # nothing trains this tile again: freeze it on its exact grid now
+        if freeze_tiles:  # nothing trains this tile again: freeze it on its exact grid now
             from .learnable import freeze_learnable
 
             freeze_learnable(tile)
@@ -583,7 +602,8 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
 
 
 def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: dict, seed: int, ck: _Checkpoint,
-               progress: bool) -> dict:
+               progress: bool, penalty: Penalty | None = None, label: str = "e2e") -> dict:
+    """End-to-end distillation (module docstring); ``penalty(model, step, steps)`` is added to each loss."""
     steps = opts["dfqat_e2e_steps"]
     device = next(model.parameters()).device
     groups = _param_groups(model, opts["dfqat_e2e_lr"], opts["dfqat_e2e_q_lr"])
@@ -595,7 +615,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     if not groups:
         return entry | {"losses": [], "seconds": 0.0}
     t0 = time.time() - prev.get("seconds", 0.0)
-    sampler = _Sampler(len(ids), opts["dfqat_e2e_batch"], seed, "e2e")
+    sampler = _Sampler(len(ids), opts["dfqat_e2e_batch"], seed, label)
 
     def loss_at(step: int) -> Tensor:
         idx = sampler(step)
@@ -606,7 +626,8 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
         else:
             with torch.no_grad():
                 tgt = {"logits": teacher(batch, use_cache=False).logits}
-        return _kd(model(batch, use_cache=False).logits, tgt, opts)
+        loss = _kd(model(batch, use_cache=False).logits, tgt, opts)
+        return loss if penalty is None else loss + penalty(model, step, steps)
 
     def on_save(step: int, st: dict) -> None:
         ck.save(model, opt_state=st["opt_state"], e2e_step=step,
@@ -616,7 +637,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
-    bar = tqdm(total=steps, initial=start, desc="dfqat e2e", disable=not progress, unit="step")
+    bar = tqdm(total=steps, initial=start, desc=f"dfqat {label}", disable=not progress, unit="step")
     try:
         with torch.enable_grad():
             st = _train("end-to-end", groups, steps, loss_at, opts, clip=opts["dfqat_clip"], start=start,
