@@ -9,10 +9,13 @@ also pull llm-compressor's pins (transformers<=5.17, auto-round, ...) and test a
     P=".venv-peers/bin/python benchmarks/peers.py"
     $P hqq --model stories260k --bits 4,3 --group 32
     $P hqq --model smollm2-135m --bits 4,3 --group 64 --windows 40          # ~6-15 min per row on 1 CPU thread
+    $P hqq --model stories260k --bits 4,3 --group 32 --lowbit-round-zero 1  # lowbit from the rounded zero (-rz1)
     $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1,0     # group 0 = per-channel
     $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1,0 --llmc-sequential-targets Linear
     $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 1 --seed 1   # (and --seed 2; both peers)
     $P gptq-solver --model stories260k --bits 4,3 --group 0,32 --act-order 1,0   # same W and H for both solvers
+    $P gptq-solver --model stories260k --bits 4,3 --group 0,32 --act-order 0 --lowbit-static-groups   # (-static)
+    $P gptq --model stories260k --bits 4,3 --group 0,32 --act-order 0 --lowbit-static-groups
     $P gptq-agree --model stories260k --bits 4 --group 32 --act-order 1 --seed 1
     $P refs --model stories260k --bits 4,3 --group 0,32                      # float and lowbit RTN, for context
     $P table
@@ -39,7 +42,10 @@ also pull llm-compressor's pins (transformers<=5.17, auto-round, ...) and test a
   Known differences: llm-compressor takes the Hessians of all Linears of a decoder layer in one pass
   over that layer's float weights (``--llmc-sequential-targets Linear`` cuts subgraphs at every
   Linear instead, i.e. true-sequential like lowbit); without act-order lowbit fits each group's scale
-  when the solver reaches it (reference GPTQ) while llm-compressor always uses static groups.
+  when the solver reaches it (reference GPTQ) while llm-compressor always uses static groups
+  (``--lowbit-static-groups``: lowbit rows with ``gptq_static_groups=true``, llm-compressor's choice).
+  ``--lowbit-round-zero 1``: lowbit HQQ rows whose solver starts from the rounded zero-point
+  (``hqq_round_zero=true``), the package's default start at 4 bits.
   ``gptq-solver`` runs both solvers on the same W and H; ``gptq-agree`` counts identical weights.
   Calibration: 128 windows of 256 tokens (seed 0) from the TinyStories sample WITHOUT its held-out
   last 10% of stories (the evaluation text): drawn from the whole file, 16 of the 128 windows would
@@ -184,10 +190,13 @@ def run_hqq(args) -> list[dict]:
         # the package's own default (hqq_base_quant_config): round_zero=True at 4 bits, False otherwise;
         # it only rounds the zero-point the optimizer STARTS from (the result stays fractional)
         rz = (bits == 4) if args.hqq_round_zero == "default" else bool(int(args.hqq_round_zero))
+        lrz = bool(int(args.lowbit_round_zero))  # lowbit's hqq_round_zero (the package's 4-bit start)
         for impl in ("lowbit", "hqq"):
-            if (args.hqq_round_zero != "default" and impl == "lowbit") or (zp == "int" and impl == "hqq"):
+            if ((args.hqq_round_zero != "default" and impl == "lowbit")
+                    or ((zp == "int" or lrz) and impl == "hqq")):
                 continue  # a variant of one side only
             label = (f"{label_base}-{impl}" + ("" if rz == (bits == 4) or impl == "lowbit" else f"-rz{int(rz)}")
+                     + ("-rz1" if impl == "lowbit" and lrz else "")
                      + ("-intzero" if impl == "lowbit" and zp == "int" else ""))
             path = out / f"{label}.json"
             if path.exists():
@@ -198,7 +207,7 @@ def run_hqq(args) -> list[dict]:
             deq, extra = {}, {}
             for n, W in W0.items():
                 if impl == "lowbit":
-                    deq[n] = lowbit_hqq(W, spec).dequantize()
+                    deq[n] = lowbit_hqq(W, spec, round_zero=lrz).dequantize()
                 else:
                     deq[n], extra[n] = hqq_peer(W, bits, g, rz)
             quant_s = time.time() - t0
@@ -210,13 +219,14 @@ def run_hqq(args) -> list[dict]:
                 rec["fp32_meta"] = {k: sum(r[k] for r in r32) for k in ("fro_sq", "lp07")}
             check = None
             if impl == "lowbit":  # the model-level method gives the same weights as the per-tensor call
-                check = _lowbit_hqq_method_check(args.model, spec, deq)
+                check = _lowbit_hqq_method_check(args.model, spec, deq, {"hqq_round_zero": True} if lrz else {})
             set_weights(model, deq)
             metric = evaluate(model, tok, args.model, args.windows, out, label)
             set_weights(model, W0)
             r = {
                 "model": model_name(args.model), "comparison": "hqq", "method": "HQQ (data-free)", "label": label,
-                "implementation": ("lowbit" + (" (integer zero-points)" if zp == "int" else "")) if impl == "lowbit"
+                "implementation": ("lowbit" + (" (rounded-zero start)" if lrz else "")
+                                   + (" (integer zero-points)" if zp == "int" else "")) if impl == "lowbit"
                 else f"hqq {pkg_version('hqq')}" + (
                     "" if rz == (bits == 4) else f" (round_zero={rz})"),
                 "settings": {"nbits": bits, "group_size": g, "axis": 1,
@@ -226,12 +236,13 @@ def run_hqq(args) -> list[dict]:
                              "early_stop": True, "optimize_scale": False,
                              "ragged_rows": (f"{', '.join(ragged)}: width not a multiple of {g}; short last group "
                                              "in both (the package run per column span)") if ragged else None,
-                             "call": ("lowbit.hqq.hqq(W, QuantSpec(IntFormat(b), PerGroup(g), zero_point='float'))"
+                             "call": ("lowbit.hqq.hqq(W, QuantSpec(IntFormat(b), PerGroup(g), zero_point="
+                                      f"'{zp}'){', round_zero=True' if lrz else ''})"
                                       if impl == "lowbit" else
                                       "hqq.core.quantize.Quantizer.quantize(W, nbits=b, group_size=g, optimize=True, "
                                       f"axis=1, round_zero={rz}, bitpack=False, device='cpu'); meta -> fp16"),
                              **({"round_zero": rz, "round_zero_is_package_default": rz == (bits == 4)}
-                                if impl == "hqq" else {})},
+                                if impl == "hqq" else {"round_zero": lrz})},
                 "quantized": "every Linear in the decoder blocks (weights replaced by the dequantized ones); "
                              "embeddings and head in full precision",
                 "calibration": "none (data-free)",
@@ -250,13 +261,14 @@ def run_hqq(args) -> list[dict]:
     return rows
 
 
-def _lowbit_hqq_method_check(model_id: str, spec: QuantSpec, deq: dict[str, torch.Tensor]) -> dict:
+def _lowbit_hqq_method_check(model_id: str, spec: QuantSpec, deq: dict[str, torch.Tensor],
+                             extra: dict | None = None) -> dict:
     """quantize_model(method='hqq') on a fresh model: max |difference| to the per-tensor weights."""
     from lowbit.config import QuantConfig
     from lowbit.quantize import quantize_model
 
     m, _ = load_model(model_id)
-    quantize_model(m, QuantConfig(weight=spec, method="hqq"), progress=False)
+    quantize_model(m, QuantConfig(weight=spec, method="hqq", extra=dict(extra or {})), progress=False)
     mods = dict(m.named_modules())
     diff = max(float((mods[n].weight.detach().float() - w).abs().max()) for n, w in deq.items())
     del m
@@ -297,7 +309,8 @@ def _specs(bits: int, group: int, width: int) -> QuantSpec:
     return QuantSpec(IntFormat(bits), gran)
 
 
-def lowbit_gptq(model_id: str, ids: torch.Tensor, bits: int, group: int, act_order: bool, seed: int):
+def lowbit_gptq(model_id: str, ids: torch.Tensor, bits: int, group: int, act_order: bool, seed: int,
+                static_groups: bool = False):
     from lowbit.config import QuantConfig
     from lowbit.qmodules import QuantLinear, replace_modules
     from lowbit.quantize import get_algorithm
@@ -309,7 +322,8 @@ def lowbit_gptq(model_id: str, ids: torch.Tensor, bits: int, group: int, act_ord
     replace_modules(model, lambda m, n: QuantLinear.from_linear(m, _specs(bits, group, m.in_features)),
                     block_linear_filter(model))
     cfg = QuantConfig(weight=_specs(bits, group, group), method="gptq", seed=seed,
-                      extra={"act_order": act_order, "percdamp": 0.01, "block_size": 128})
+                      extra={"act_order": act_order, "percdamp": 0.01, "block_size": 128}
+                      | ({"gptq_static_groups": True} if static_groups else {}))
     get_algorithm("gptq")(model, cfg, calib=ids, progress=False)
     return model, tok, time.time() - t0, {"call": "QuantLinear per layer + lowbit gptq method "
                                                   "(block by block, true-sequential)", "extra": cfg.extra}
@@ -398,6 +412,10 @@ def run_gptq(args) -> list[dict]:
     rows = []
     for group, bits, act in _gptq_settings(args):
         impls = [("lowbit", lowbit_gptq), ("llmcompressor", llmc_gptq)]
+        if args.lowbit_static_groups:  # only lowbit rows with static groups (llm-compressor's choice)
+            if act:
+                continue  # act-order rows have static groups already
+            impls = [("lowbit-static", lambda *a: lowbit_gptq(*a, static_groups=True))]
         if args.llmc_sequential_targets:  # an extra peer row with finer sequential subgraphs
             tg = args.llmc_sequential_targets.split(",")
             impls = [("llmcompressor-seq" + "-".join(t.lower() for t in tg),
@@ -420,14 +438,15 @@ def run_gptq(args) -> list[dict]:
             metric = evaluate(model, tok, args.model, args.windows, out, label)
             r = {
                 "model": model_name(args.model), "comparison": "gptq", "method": "GPTQ", "label": label,
-                "implementation": "lowbit" if impl == "lowbit" else (
+                "implementation": {"lowbit": "lowbit", "lowbit-static": "lowbit (static groups)"}.get(impl) or (
                     f"llmcompressor {pkg_version('llmcompressor')}" + (
                         f" (sequential_targets={args.llmc_sequential_targets})"
                         if impl != "llmcompressor" else "")),
                 "settings": {"nbits": bits, "granularity": gl + ("*" if chan_layers else ""),
                              "per_channel_layers": chan_layers or None, "symmetric": False,
                              "scale": "fp16", "zero_point": "integer", "act_order": act,
-                             "static_groups": True, "percdamp": 0.01, "block_size": 128, **info},
+                             "static_groups": act or impl != "lowbit", "percdamp": 0.01, "block_size": 128,
+                             **info},
                 "quantized": "every Linear in the decoder blocks; embeddings and head in full precision",
                 "calibration": calib_info,
                 "bits_per_param_blocks": bpp,
@@ -480,14 +499,19 @@ def run_gptq_solver(args) -> list[dict]:
     rows = []
     for group, bits, act in _gptq_settings(args):
         gl = f"g{group}" if group else "channel"
-        label = f"gptq-solver-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}"
+        static = args.lowbit_static_groups and not act
+        if args.lowbit_static_groups and act:
+            continue  # act-order rows have static groups already
+        label = (f"gptq-solver-{model_name(args.model)}-int{bits}-{gl}-{'act' if act else 'noact'}"
+                 + ("-static" if static else ""))
         per_layer, t_lb, t_pc = [], 0.0, 0.0
         for n, W in W0.items():
             H = Hs[n]
             R, C = W.shape
             spec = _specs(bits, group, C)
             t0 = time.time()
-            Ql = lowbit_solver(W, H, spec, block_size=128, percdamp=0.01, act_order=act).dequantize()
+            Ql = lowbit_solver(W, H, spec, block_size=128, percdamp=0.01, act_order=act,
+                               static_groups=True if static else None).dequantize()
             t_lb += time.time() - t0
             grp = isinstance(spec.granularity, PerGroup)
             qa = QuantizationArgs(num_bits=bits, type="int", symmetric=False,
@@ -516,9 +540,12 @@ def run_gptq_solver(args) -> list[dict]:
                  {n.rsplit('.', 1)[-1] for n, w in W0.items() if group and w.shape[1] % group}) or None,
                           "act_order": act, "percdamp": 0.01, "block_size": 128, "scale": "fp16",
                           "zero_point": "integer", "hessian": "float model inputs, every Linear (2/N X X^T)",
-                          "note": "lowbit without act_order fits each group's scale when the solver reaches "
-                                  "it (reference GPTQ); llm-compressor always uses the min-max qparams of "
-                                  "the original weight (static groups)"},
+                          "lowbit_static_groups": act or static,
+                          "note": ("lowbit with gptq_static_groups: both take every group's min-max qparams from "
+                                   "the original weight" if static else
+                                   "lowbit without act_order fits each group's scale when the solver reaches "
+                                   "it (reference GPTQ); llm-compressor always uses the min-max qparams of "
+                                   "the original weight (static groups)")},
              "calibration": calib_info,
              "metrics": {"layer_loss_sum": {"lowbit": tot_l, "peer": tot_p},
                          "layers_lowbit_better_or_equal": sum(p["lowbit"] <= p["peer"] * (1 + 1e-9)
@@ -647,7 +674,9 @@ def table(out: Path) -> str:
     solver = [r for r in rows if r.get("comparison") == "gptq-solver"]
     if solver:
         flat = [{"model": r["model"], "setting": f"int{r['settings']['nbits']} {r['settings']['granularity']}",
-                 "act_order": r["settings"]["act_order"], "lowbit sum tr(dW H dW^T)": r["metrics"]["layer_loss_sum"]["lowbit"],
+                 "act_order": r["settings"]["act_order"],
+                 "lowbit static groups": r["settings"].get("lowbit_static_groups", r["settings"]["act_order"]),
+                 "lowbit sum tr(dW H dW^T)": r["metrics"]["layer_loss_sum"]["lowbit"],
                  "llmcompressor": r["metrics"]["layer_loss_sum"]["peer"],
                  "layers lowbit <=": f"{r['metrics']['layers_lowbit_better_or_equal']}/{r['metrics']['layers']}",
                  "identical values": r["metrics"]["same_values_mean"]} for r in solver]
@@ -680,9 +709,9 @@ def paired(rows: list[dict]) -> list[dict]:
     out = []
     by = {r["label"]: r for r in rows if "label" in r}
     for lab, r in sorted(by.items()):
-        if r.get("comparison") not in ("hqq", "gptq") or not lab.endswith("-lowbit"):
-            continue  # (lowbit variants such as -lowbit-intzero are listed, not paired)
-        base = lab[: -len("lowbit")]
+        base = next((lab[: -len(x)] for x in ("lowbit", "lowbit-rz1", "lowbit-static") if lab.endswith("-" + x)), None)
+        if r.get("comparison") not in ("hqq", "gptq") or base is None:
+            continue  # (integer zero-point rows, -lowbit-intzero, are listed, not paired)
         for plab, p in by.items():
             if (not plab.startswith(base) or plab == lab or plab[len(base):].startswith("seed")
                     or p["implementation"].startswith("lowbit")):
@@ -695,7 +724,7 @@ def paired(rows: list[dict]) -> list[dict]:
             se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5 if n > 1 else float("nan")
             out.append({"model": r["model"], "setting": _setting(r) + ("" if r["comparison"] == "hqq" else
                         (" act" if r["settings"]["act_order"] else " noact")), "seed": r["seed"],
-                        "peer": p["implementation"],
+                        "lowbit": r["implementation"], "peer": p["implementation"],
                         "ppl lowbit": a["ppl"], "ppl peer": b["ppl"], "dNLL": mean, "se": se,
                         "verdict": "lowbit better" if mean < -2 * se else ("peer better" if mean > 2 * se
                                                                             else "tie (|d| < 2 se)")})
@@ -725,8 +754,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="evaluation windows (default: all)")
     ap.add_argument("--hqq-round-zero", default="default", choices=["default", "0", "1"],
                     help="hqq: the package's round_zero (default: its own default, True at 4 bits)")
+    ap.add_argument("--lowbit-round-zero", default="0", choices=["0", "1"],
+                    help="hqq: 1 = only lowbit rows whose solver starts from the rounded zero-point "
+                         "(--opt hqq_round_zero=true, the package's 4-bit default), label suffix -rz1")
     ap.add_argument("--lowbit-zero-point", default="float", choices=["float", "int"],
                     help="hqq: lowbit's zero-points (float = fp16 like the package; int = lowbit's default spec)")
+    ap.add_argument("--lowbit-static-groups", action="store_true",
+                    help="gptq, gptq-solver: only lowbit rows without act-order and with static groups "
+                         "(--opt gptq_static_groups=true, llm-compressor's choice), label suffix -static")
     ap.add_argument("--llmc-sequential-targets", default=None,
                     help="gptq: only llm-compressor rows, with these sequential_targets (e.g. Linear)")
     ap.add_argument("--nsamples", type=int, default=128)

@@ -39,6 +39,7 @@ class Setting:
     a: dict | None = None  # parse_spec kwargs of the activations
     full: bool = False  # always the full split (else --windows, unless --full-split)
     extra: dict = field(default_factory=dict)  # method settings (cfg.extra)
+    kv: dict | None = None  # parse_spec kwargs of the KV cache (outputs of the key/value projections)
 
 
 W = lambda fmt, g=None, sym=False, **kw: dict(fmt=fmt, granularity=g, symmetric=sym, **kw)  # noqa: E731
@@ -115,6 +116,80 @@ GRIDS: dict[str, list[Setting]] = {
 }
 
 
+# issue 5 on stories260K: learned per-channel mixed precision (--method mixed) vs uniform per-channel settings
+# of about the same real size (int2/int3/int4 channel asym: 2.30 / 3.30 / 4.31 bits/param with metadata, 64-wide
+# rows); run with --calib self (no data at all)
+_CH = [(b, W(f"int{b}", "channel")) for b in (2, 3, 4)]
+GRIDS["mixed-stories260k"] = [
+    Setting("fp", full=True),
+    *[Setting(f"mixed-{t}", "mixed", W("int8", "channel"), full=True, extra={"mixed_target_bits": t})
+      for t in (2.5, 3.0, 4.0)],
+    *[row for b, w in _CH for row in (
+        Setting(f"rtn-w{b}-channel", "rtn", w, full=True),
+        Setting(f"gptq-w{b}-channel", "gptq", w, full=True),
+        Setting(f"dfqat-w{b}-channel", "dfqat", w, full=True))],
+    *[Setting(f"mixed-{t}-same-size", "mixed", W("int8", "channel"), full=True, extra={"mixed_target_bits": t})
+      for t in (2.3, 3.3)],  # the exact real size of uniform int2 / int3 per-channel
+    Setting("mixed-3.0-noprune", "mixed", W("int8", "channel"), full=True,
+            extra={"mixed_target_bits": 3.0, "mixed_prune": False}),
+]
+
+
+# issue 4, LLM-QAT's W4A8KV4 on stories260K: int4 per-channel symmetric weights (LLM-QAT's weight grid; any row
+# width fits), int8 per-token symmetric activations, int4 keys and values per token over all heads, symmetric
+# (LLM-QAT), or per token and head (g8: stories260K's head width), asymmetric; run with --calib self (no data)
+KV_SETTINGS = [("w4a8", W("int4", "channel", True), A8, None),
+               ("w4a8kv4", W("int4", "channel", True), A8, W("int4", "token", True)),
+               ("w4a8kv4-head", W("int4", "channel", True), A8, W("int4", "g8"))]
+GRIDS["kv-stories260k"] = [
+    Setting("fp", full=True),
+    Setting("rtn-kv4", "rtn", kv=W("int4", "token", True), full=True),  # the KV cache alone, float weights
+    Setting("rtn-kv4-head", "rtn", kv=W("int4", "g8"), full=True),
+    Setting("rtn-kv8", "rtn", kv=W("int8", "token", True), full=True),
+    *[Setting(f"{m}-{suffix}", m, w, a, full=True, kv=kv)
+      for suffix, w, a, kv in KV_SETTINGS for m in ("rtn", "gptq", "dfqat")],
+]
+KV_SUFFIXES = ["w4a8kv4-head", "w4a8kv4", "w4a8", "kv4-head", "kv4", "kv8"]  # longest first (label endings)
+
+
+# issue 4, data-free QAT ablations on stories260K: int3 g32 (the main setting) and int2 g32 (token counts, defaults),
+# one folder per command under results/dfqat_ablations_stories260k/ (benchmarks/report.py lists the commands).
+# Settings a row does not name are lowbit.dfqat.DEFAULTS; DFQAT_V1 = the defaults before the cost tuning.
+DFQAT_V1 = {"dfqat_tile_steps": 250, "dfqat_e2e_steps": 100}
+DFQAT_TOKENS = (8, 32, 128, 512)  # self-generated sequences of 256 tokens (run with --nsamples 512)
+_S260_G32 = [("w3-g32", W("int3", "g32")), ("w2-g32", W("int2", "g32"))]
+
+
+def _dfq(label: str, w: dict, **extra) -> Setting:
+    return Setting(label, "dfqat", w, full=True, extra=extra)
+
+
+# (a) how much generated text: the rows train on the first n of the same 512 sequences, same steps
+GRIDS["dfqat-tokens-stories260k"] = [_dfq(f"dfqat-n{n}-{suffix}", w, dfqat_samples=n)
+                                     for suffix, w in _S260_G32 for n in DFQAT_TOKENS]
+# (b, c, e) tile size (6 > the 5 blocks: the whole model is one tile), tile loss, tile input; tiled stage alone and
+# followed by the end-to-end stage; int3 g32
+DFQAT_DESIGN = [(3, "l1", "fp"), (1, "l1", "fp"), (6, "l1", "fp"), (3, "l2", "fp"), (3, "l1", "quant"),
+                (3, "l2", "quant")]
+GRIDS["dfqat-design-stories260k"] = [
+    _dfq(f"{stage}-t{t}-{loss}-{inp}-w3-g32", W("int3", "g32"), dfqat_tile=t, dfqat_tile_loss=loss,
+         dfqat_tile_input=inp, **e2e)
+    for stage, e2e in (("tiled", {"dfqat_e2e_steps": 0}), ("full", {})) for t, loss, inp in DFQAT_DESIGN]
+# (d) generated vs real text: run twice, --calib self and --calib tinystories, same --nsamples / --calib-seqlen
+GRIDS["dfqat-data-stories260k"] = [row for suffix, w in _S260_G32 for row in (
+    Setting(f"gptq-{suffix}", "gptq", w, full=True), _dfq(f"dfqat-tiled-{suffix}", w, dfqat_e2e_steps=0),
+    _dfq(f"dfqat-{suffix}", w))]
+# (f) cost: RTN, GPTQ and dfqat (each stage alone and both), the defaults and DFQAT_V1, in one run
+GRIDS["dfqat-cost-stories260k"] = [Setting("fp", full=True)] + [row for suffix, w in _S260_G32 for row in (
+    Setting(f"rtn-{suffix}", "rtn", w, full=True), Setting(f"gptq-{suffix}", "gptq", w, full=True),
+    *([_dfq(f"dfqat-tiled-{suffix}", w, dfqat_e2e_steps=0), _dfq(f"dfqat-e2e-{suffix}", w, dfqat_tile_steps=0)]
+      if suffix == "w3-g32" else []),
+    _dfq(f"dfqat-{suffix}", w),
+    *([_dfq(f"dfqat-v1-tiled-{suffix}", w, **(DFQAT_V1 | {"dfqat_e2e_steps": 0})),
+       _dfq(f"dfqat-v1-e2e-{suffix}", w, **(DFQAT_V1 | {"dfqat_tile_steps": 0}))] if suffix == "w3-g32" else []),
+    _dfq(f"dfqat-v1-{suffix}", w, **DFQAT_V1))]
+
+
 class Calibration:
     """Calibration batches, made once per run and shared by every data-hungry setting."""
 
@@ -147,9 +222,9 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
     seqlen = default_seqlen(model, seqlen)
     calib_info = "none (data-free)"
     t0 = time.time()
-    if s.w is not None or s.a is not None:
+    if s.w is not None or s.a is not None or s.kv is not None:
         cfg = QuantConfig(weight=parse_spec(**s.w) if s.w else None, act=parse_spec(**s.a) if s.a else None,
-                          method=s.method, seed=seed, extra=dict(s.extra))
+                          method=s.method, seed=seed, extra=dict(s.extra), kv=parse_spec(**s.kv) if s.kv else None)
         ids = None
         if needs_calibration(s.method):
             ids, calib_info = calib.get(model, tok, seqlen)
@@ -181,6 +256,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         partial.unlink(missing_ok=True)
         metrics[ds] = res
     rep = size_report(model)
+    reports = {k: getattr(model, k) for k in ("mixed_report", "dfqat_report") if getattr(model, k, None) is not None}
     del model
     gc.collect()
     if device.startswith("cuda"):
@@ -188,12 +264,14 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
     return {
         "model": model_name(model_id), "label": s.label, "method": s.method,
         "config": None if cfg is None else cfg.to_dict(), "datasets": datasets,
-        "quantized": "none" if cfg is None else "every Linear in the decoder blocks; embeddings and head in fp16",
+        "quantized": "none" if cfg is None else "every Linear in the decoder blocks; embeddings and head in fp16"
+        + ("; KV cache: the key/value projections' outputs" if cfg.kv is not None else ""),
         "calibration": calib_info,
         "bits": {k: rep[k] for k in ("blocks_bits_per_param", "model_bits_per_param", "model_megabytes")}
         | {"parts": rep["parts"]},
         "metrics": metrics, "seed": seed, "quant_wall_s": quant_s, "peak_memory_mb": peak,
         "eval_wall_s": sum(m["wall_s"] for m in metrics.values()),
+        **reports,
         **meta,
     }
 

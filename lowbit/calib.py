@@ -47,17 +47,22 @@ def calibration_text_ids(source: str, tok: Tokenizer) -> torch.Tensor:
 
 def self_generated_batches(model: nn.Module, tok: Tokenizer, n: int = 128, seqlen: int = 2048, seed: int = 0,
                            batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """``(n, seqlen)`` token ids sampled from ``model`` itself from an empty prompt (no data)."""
+    """``(n, seqlen)`` token ids sampled from ``model`` itself from an empty prompt (no data). Each batch has its
+    own seed, so with several processes (:mod:`lowbit.distributed`) each samples its share of the batches and
+    all get the whole, single-process result."""
+    from . import distributed
     from .sampling import sample_ids
 
     vocab = min(tok.vocab_size, model.config.vocab_size)
     pool = torch.tensor(sorted(set(range(vocab)) - tok.special_ids()))
-    out = []
-    for b in tqdm(range(0, n, batch_size), desc="self-calibration", disable=not progress, unit="batch"):
+    starts = range(0, n, batch_size)
+    mine = [starts[i] for i in distributed.share(len(starts))]
+    out = [torch.zeros(0, seqlen, dtype=torch.long)]
+    for b in tqdm(mine, desc="self-calibration", disable=not (progress and distributed.is_main()), unit="batch"):
         m = min(batch_size, n - b)
         out.append(sample_ids(model, m, seqlen, seed=seed * 100003 + b, bos_id=tok.bos_id, first_token_pool=pool,
                               greedy_prefix=3, temperature=1.0, top_k=50, vocab_size=vocab))
-    return torch.cat(out)
+    return distributed.all_gather_cat(torch.cat(out))
 
 
 def calibration_batches(tok: Tokenizer, source: str = "c4", n: int = 128, seqlen: int = 2048,

@@ -61,6 +61,41 @@ def _device(name: str | None) -> str:
     return name
 
 
+def _processes(a) -> str:
+    """The device of this process. Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group first
+    (:func:`lowbit.distributed.init`: gloo on CPU, nccl and ``cuda:LOCAL_RANK`` on GPUs) and every rank but 0
+    goes quiet (no progress bars, warnings only)."""
+    from . import distributed
+
+    device = distributed.init(_device(a.device))
+    if not distributed.is_main():
+        a.quiet = True
+        logging.getLogger().setLevel(logging.WARNING)
+    elif distributed.world_size() > 1 and not {"dfqat", "mixed"} & set(getattr(a, "method", "dfqat").split(",")):
+        log.warning("%d processes: only dfqat training (and --calib self) splits its work; the others repeat it",
+                    distributed.world_size())
+    return device
+
+
+def _is_main() -> bool:
+    from . import distributed
+
+    return distributed.is_main()
+
+
+def _load_in_turn(load_model, a):
+    """``load_model(a.model)``; with several processes rank 0 loads first (it may write the GGUF cache), the
+    others once it has."""
+    from . import distributed
+
+    if not distributed.is_main():
+        distributed.barrier()
+    out = load_model(a.model, tokenizer=a.tokenizer)
+    if distributed.is_main():
+        distributed.barrier()
+    return out
+
+
 # ------------------------------------------------------------------------------------ arguments
 def _add_spec_args(p: argparse.ArgumentParser, prefix: str, what: str, default_gran: str | None,
                    sym_flag: str = "sym") -> None:
@@ -98,6 +133,26 @@ def _spec_from_args(a: argparse.Namespace, prefix: str, default_gran: str | None
     return parse_spec(fmt, gran, symmetric=sym)
 
 
+def _kv_spec_from_args(a: argparse.Namespace, model):
+    """The KV-cache spec of ``--kv``/``--kv-granularity``/``--kv-asym``; ``head`` becomes ``g<head width>``."""
+    if a.kv_format is None:
+        if a.kv_granularity or a.kv_asym:
+            raise ValueError("--kv-granularity and --kv-asym need a KV-cache format, e.g. --kv int4")
+        return None
+    gran = (a.kv_granularity or "token").strip().lower()
+    if gran == "head":
+        from .models import head_dim
+
+        gran = f"g{head_dim(model)}"
+    if a.kv_format.strip().lower().startswith(("mx", "bfp")) and not a.kv_granularity:
+        gran = None  # the preset's own block of 32
+    try:
+        return parse_spec(a.kv_format, gran, symmetric=not a.kv_asym)
+    except ValueError as e:
+        raise ValueError(f"--kv {a.kv_format}{' --kv-granularity ' + a.kv_granularity if a.kv_granularity else ''}: "
+                         f"{e}") from None
+
+
 def _add_eval_args(p: argparse.ArgumentParser, default_tasks: str | None) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--tasks" if default_tasks else "--eval", dest="tasks", default=default_tasks,
@@ -115,14 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model (and optionally evaluate and save it)")
     q.add_argument("model", help="short name (stories260k, smollm2-135m), folder, .gguf, llama2.c .bin or hub id")
     q.add_argument("--method", default="rtn",
-                   help="rtn, gptq, awq, hqq, omniquant, spqr, bcq, dfqat (data-free QAT), or a recipe of transforms "
+                   help="rtn, gptq, awq, hqq, omniquant, spqr, bcq, dfqat (data-free QAT), mixed (learned per-channel "
+                        "bit-widths, --target-bits), or a recipe of transforms "
                         "then one solver, "
                         "e.g. quarot,gptq or smoothquant,rtn (default rtn)")
+    q.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="--method mixed: the size budget in bits per parameter of the decoder blocks (metadata "
+                        "included), e.g. 3.0")
     q.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, repeatable (e.g. --opt alpha=0.5 --opt epochs=20); recorded in the config")
     q.add_argument("--tokenizer", default=None, help="tokenizer path, if not beside the model")
     _add_spec_args(q, "w", "weights", "channel")
     _add_spec_args(q, "a", "activations", "token", sym_flag="asym")
+    k = q.add_argument_group("KV-cache quantization (outputs of the key/value projections, before RoPE)")
+    kv_formats = ", ".join(f for f in FORMAT_NAMES if not f.startswith("bcq"))
+    k.add_argument("--kv", "--kv-format", dest="kv_format", default=None,
+                   help=f"number format of the cached keys and values ({kv_formats}); omit to keep the KV cache "
+                        "in float")
+    k.add_argument("--kv-granularity", default=None,
+                   help="token (default: one scale per token over all heads, as LLM-QAT), head (per token and head), "
+                        "or g<size> (per token and run of size channels)")
+    k.add_argument("--kv-asym", action="store_true", help="asymmetric integer grid (default symmetric)")
     _add_spec_args(q, "embed", "embeddings", "channel")
     _add_spec_args(q, "head", "head", "channel")
     c = q.add_argument_group("calibration (methods that use data, e.g. gptq)")
@@ -241,12 +309,22 @@ def cmd_quantize(a) -> dict:
                       embed=_spec_from_args(a, "embed", "channel"), head=_spec_from_args(a, "head", "channel"),
                       method=a.method, seed=a.seed, skip=tuple(s for s in a.skip.split(",") if s),
                       extra=_parse_opts(a.opt))
-    device = _device(a.device)
-    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    if a.target_bits is not None:
+        if "mixed" not in recipe_steps(cfg.method):
+            raise ValueError("--target-bits is the budget of --method mixed; add --method mixed or drop it")
+        cfg.extra["mixed_target_bits"] = a.target_bits
+    if "mixed" in recipe_steps(cfg.method) and cfg.weight is None:  # the widths are learned: an int8 container
+        from .mixed import CONTAINER
+
+        cfg.weight = CONTAINER
+    device = _processes(a)
+    main = _is_main()  # under torchrun only rank 0 evaluates, prints and writes
+    model, tok = _load_in_turn(load_model, a)
+    cfg.kv = _kv_spec_from_args(a, model)
     validate_config(model, cfg)  # fail before any evaluation
     model.to(device)
-    tasks = _tasks(a)
-    fp_model = copy.deepcopy(model) if (a.eval_fp or "kl" in tasks) else None
+    tasks = _tasks(a) if main else []
+    fp_model = copy.deepcopy(model) if (a.eval_fp or "kl" in tasks) and main else None
     record = {"model": model_name(a.model), "method": cfg.method, "config": cfg.to_dict(), "seed": a.seed,
               "calibration": "none (data-free)"}
     if a.eval_fp and tasks:
@@ -259,7 +337,7 @@ def cmd_quantize(a) -> dict:
         from .eval import default_seqlen
 
         cl = a.calib_seqlen or default_seqlen(model, a.seqlen)
-        dfqat = "dfqat" in recipe_steps(cfg.method)
+        dfqat = bool({"dfqat", "mixed"} & set(recipe_steps(cfg.method)))  # QAT methods: self-generated by default
         source, nsamples = a.calib or ("self" if dfqat else "c4"), a.nsamples
         if dfqat and cfg.extra.get("dfqat_data"):  # a gen-data folder: its ids are the training data
             from .datafree import load_dataset
@@ -276,8 +354,12 @@ def cmd_quantize(a) -> dict:
     t0 = time.time()
     quantize_model(model, cfg, calib=calib, progress=not a.quiet)
     record["quant_wall_s"] = time.time() - t0
+    if not main:
+        return record
     if getattr(model, "dfqat_report", None) is not None:  # per tile / end-to-end losses, seconds, steps
         record["dfqat_report"] = model.dfqat_report
+    if getattr(model, "mixed_report", None) is not None:  # budget trace, integer bits, where the bits went
+        record["mixed_report"] = model.mixed_report
     rep = size_report(model)
     record["bits"] = rep
     if tasks:
@@ -358,13 +440,15 @@ def cmd_gen_data(a) -> dict:
     from .datafree import format_stats, generate_dataset
     from .models import load_model, model_name
 
-    device = _device(a.device)
-    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    device = _processes(a)
+    model, tok = _load_in_turn(load_model, a)
     model.to(device)
     meta = generate_dataset(model, tok, a.out, n_sequences=a.n_sequences, seq_len=a.seq_len, batch_size=a.batch_size,
                             shard_size=a.shard_size, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             greedy_prefix=a.greedy_prefix, seed=a.seed, topk_logits=a.topk_logits,
                             progress=not a.quiet, model_name=model_name(a.model))
+    if not _is_main():
+        return meta
     call = meta["calls"][-1]
     speed = f", {call['tokens_per_s']:,.0f} tokens/s" if call["tokens_per_s"] else ""
     print(f"{a.out}: {meta['n_sequences']:,} sequences x {a.seq_len} ids in {len(meta['shards'])} shard(s); "
@@ -386,14 +470,19 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # lowbit draws its own bars; keep stderr for errors
     hf_logging.set_verbosity_error()
+    from . import distributed
+
     try:
         COMMANDS[args.cmd](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError, KeyError) as e:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"lowbit: error: {msg}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.rank() else ""
+        print(f"lowbit: error{where}: {msg}", file=sys.stderr)
         return 2
+    finally:
+        distributed.cleanup()  # the process group that _processes() joined, if any
     return 0
 
 

@@ -132,7 +132,9 @@ def spec_from_dict(d: dict) -> QuantSpec:
 class QuantConfig:
     """What to quantize and how. ``weight`` applies to every Linear inside the decoder blocks;
     ``embed``/``head`` to the token embedding and the output head (None keeps them in float);
-    ``act`` quantizes the inputs of the decoder-block Linears (e.g. int8 per token)."""
+    ``act`` quantizes the inputs of the decoder-block Linears (e.g. int8 per token); ``kv`` the outputs
+    of the key and value projections (``ArchSpec.kv``), i.e. what the KV cache stores (e.g. int4 per
+    token, or ``g<head_dim>``: per token and head), with dynamic min-max scales."""
 
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
@@ -142,18 +144,20 @@ class QuantConfig:
     seed: int = 0
     skip: tuple[str, ...] = ()  # names (relative to a block, e.g. "mlp.down_proj") kept in float
     extra: dict = field(default_factory=dict)  # method-specific settings, recorded verbatim
+    kv: QuantSpec | None = None  # KV cache: outputs of the key/value projections (per token or g<size>)
 
     def to_dict(self) -> dict:
         sd = lambda s: None if s is None else spec_to_dict(s)  # noqa: E731
         return {"weight": sd(self.weight), "act": sd(self.act), "embed": sd(self.embed), "head": sd(self.head),
-                "method": self.method, "seed": self.seed, "skip": list(self.skip), "extra": dict(self.extra)}
+                "method": self.method, "seed": self.seed, "skip": list(self.skip), "extra": dict(self.extra),
+                "kv": sd(self.kv)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         sf = lambda x: None if x is None else spec_from_dict(x)  # noqa: E731
         return cls(weight=sf(d.get("weight")), act=sf(d.get("act")), embed=sf(d.get("embed")),
                    head=sf(d.get("head")), method=d.get("method", "rtn"), seed=d.get("seed", 0),
-                   skip=tuple(d.get("skip", ())), extra=dict(d.get("extra", {})))
+                   skip=tuple(d.get("skip", ())), extra=dict(d.get("extra", {})), kv=sf(d.get("kv")))
 
     def describe(self) -> str:
         bits = []
@@ -161,6 +165,8 @@ class QuantConfig:
             bits.append(f"W[{spec_to_str(self.weight)}]")
         if self.act:
             bits.append(f"A[{spec_to_str(self.act)}]")
+        if self.kv:
+            bits.append(f"KV[{spec_to_str(self.kv)}]")
         if self.embed:
             bits.append(f"E[{spec_to_str(self.embed)}]")
         if self.head:

@@ -9,6 +9,9 @@
 * ``ptb``: Penn Treebank test, ``" ".join`` of its stripped lines (GPTQ's ``ptb_new``).
 * ``tinystories``: the held-out last 10% of the stories of the TinyStories sample (its cut-off
   last story dropped), each story ``[BOS] + tokens`` as llama2.c trains stories260K.
+* ``tinystories-train``: the first stories of the *training* 90% of the same sample, as many as
+  the held-out set has, each ``[BOS] + tokens``: a tuning set, so settings are chosen without
+  looking at the held-out text (the training windows of ``--calib tinystories`` can overlap it).
 * any other name is read as a path to a UTF-8 text file, tokenized in one call.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from .models import shared_dir
 from .tokenizer import Tokenizer
 
-DATASETS = ("wikitext2", "c4", "ptb", "tinystories")
+DATASETS = ("wikitext2", "c4", "ptb", "tinystories", "tinystories-train")
 C4_EVAL_DOCS = 1100
 
 
@@ -75,9 +78,10 @@ def load_text(name: str) -> str:
 
 def eval_ids(name: str, tok: Tokenizer, seqlen: int | None = None) -> torch.Tensor:
     """The token ids (1-D LongTensor) on which perplexity is measured for ``name``."""
-    if name == "tinystories":
+    if name in ("tinystories", "tinystories-train"):
+        train, held = tinystories_split()
         ids: list[int] = []
-        for story in tinystories_heldout():
+        for story in (held if name == "tinystories" else train[:len(held)]):
             ids += tok.encode(story, add_bos=True)
         return torch.tensor(ids, dtype=torch.long)
     ids_t = torch.tensor(tok.encode(load_text(name), add_bos=True), dtype=torch.long)

@@ -32,6 +32,11 @@ Folder layout (``out_dir``):
   after every shard, so a re-run with the same settings continues after the last complete shard
   (a short last shard is completed, not regenerated). Asking for fewer sequences than the folder
   holds generates nothing.
+
+Multiple processes (``torchrun --nproc_per_node N -m lowbit gen-data ...``, :mod:`lowbit.distributed`): each
+process generates a contiguous share of every shard's missing rows (and their top-K logits); rank 0 gathers
+them and writes the shard and ``meta.json`` (the others write nothing), so the folder is the single-process one
+(the same ids; the same files on CPU) and resumes in the same way, with any number of processes.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .sampling import filter_logits
 from .tokenizer import Tokenizer
 
@@ -312,21 +318,29 @@ def generate_dataset(model: nn.Module, tok: Tokenizer, out_dir: str | Path, *, n
         log.info("%s already holds %d sequences (>= %d asked): nothing to generate", out, total_have, n_sequences)
 
     device = next(model.parameters()).device
+    main = distributed.is_main()  # several processes: each generates its share of every shard, rank 0 writes
+    mine = [distributed.share(end - start - (e["n"] if e else 0)) for _, start, end, e in plan]
     t0 = time.time()
-    bar = tqdm(total=todo_rows * seq_len, desc="gen-data", unit="tok", unit_scale=True, disable=not progress)
-    for k, start, end, entry in plan:
-        have = _load_shard(out, entry) if entry else {}
+    bar = tqdm(total=sum(map(len, mine)) * seq_len, desc="gen-data", unit="tok", unit_scale=True,
+               disable=not (progress and main))
+    for (k, start, end, entry), rows in zip(plan, mine):
+        have = _load_shard(out, entry) if entry and main else {}
         first_new = start + (entry["n"] if entry else 0)
         parts = {name: [t] for name, t in have.items()}
-        for b in range(first_new, end, batch_size):
-            idx = list(range(b, min(b + batch_size, end)))
+        new: dict[str, list[Tensor]] = {}
+        for b in range(first_new + rows.start, first_new + rows.stop, batch_size):
+            idx = list(range(b, min(b + batch_size, first_new + rows.stop)))
             ids = generate_batch(model, idx, seq_len, seed=seed, pool=pool, bos_id=bos_id, vocab=vocab,
                                  greedy_prefix=greedy_prefix, temperature=temperature, top_p=top_p, top_k=top_k,
                                  on_step=bar.update)
-            parts.setdefault("ids", []).append(ids.int())
+            new.setdefault("ids", []).append(ids.int())
             if topk_logits:
                 for name, t in teacher_topk(model, ids, topk_logits).items():
-                    parts.setdefault(name, []).append(t)
+                    new.setdefault(name, []).append(t)
+        for name, empty in _empty_rows(seq_len, topk_logits).items():  # the same names, in order, on every rank
+            parts.setdefault(name, []).append(distributed.all_gather_cat(torch.cat(new.get(name, [empty]))))
+        if not main:
+            continue
         entry = _write_shard(out, k, start, {name: torch.cat(ts) for name, ts in parts.items()})
         shards[k:k + 1] = [entry]
         meta["shards"] = shards
@@ -334,10 +348,14 @@ def generate_dataset(model: nn.Module, tok: Tokenizer, out_dir: str | Path, *, n
         meta["n_tokens"] = meta["n_sequences"] * seq_len
         write_json(out / META, meta)  # after the shard: a crash in between only costs that shard
     bar.close()
+    distributed.barrier()  # every process has planned (read the folder) before rank 0 rewrites meta.json
+    if not main:  # rank 0 finishes meta.json; the others return its record
+        return distributed.broadcast_object(None)
     wall = time.time() - t0
     made = todo_rows * seq_len
     meta["calls"] = list(meta.get("calls", [])) + [{
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": str(device), "batch_size": batch_size,
+        "processes": distributed.world_size(),
         "sequences_generated": todo_rows, "tokens_generated": made, "wall_s": round(wall, 3),
         "tokens_per_s": round(made / wall, 1) if wall > 0 and made else None}]
     meta["n_sequences"] = sum(e["n"] for e in shards)
@@ -347,7 +365,17 @@ def generate_dataset(model: nn.Module, tok: Tokenizer, out_dir: str | Path, *, n
     meta["eos"] = eos_stats(all_ids, tok.eos_id, p0)
     meta["run_metadata"] = run_metadata()
     write_json(out / META, meta)
-    return meta
+    return distributed.broadcast_object(meta)
+
+
+def _empty_rows(seq_len: int, topk_logits: int) -> dict[str, Tensor]:
+    """Zero rows of every tensor a shard holds (dtype and trailing shape), in the order shards are built."""
+    out = {"ids": torch.zeros(0, seq_len, dtype=torch.int32)}
+    if topk_logits:
+        out |= {"topk_values": torch.zeros(0, seq_len, topk_logits, dtype=torch.float16),
+                "topk_indices": torch.zeros(0, seq_len, topk_logits, dtype=torch.int32),
+                "logsumexp": torch.zeros(0, seq_len, dtype=torch.float32)}
+    return out
 
 
 # -------------------------------------------------------------------------------------- loading

@@ -5,7 +5,10 @@
 the float model taken when the method starts (every quantizer of the copy switched off, so an online input
 rotation of a preceding transform such as QuaRot is kept). Every live Linear gets a learnable weight
 quantizer (:func:`lowbit.learnable.attach_learnable`, kind ``dfqat_quantizer``, LSQ by default: a fresh
-LSQ is exactly RTN, so training starts from the PTQ baseline).
+LSQ is exactly RTN, so training starts from the PTQ baseline). Activation (``cfg.act``) and KV-cache
+(``cfg.kv``, the key/value projections' outputs) quantizers stay what they are at inference, dynamic min-max
+fake quantization, in every training forward, with the straight-through gradient (LLM-QAT's W4A8KV4); the
+Linears whose outputs are KV-quantized train like the others.
 
 **Data.** ``calib`` (the token ids ``(n, seqlen)`` that ``quantize_model`` passes on) *is* the training
 set. The CLI passes ``--calib self`` by default for dfqat: sequences the float model writes itself, no data
@@ -55,6 +58,19 @@ the end-to-end stage continues at its step; a folder from another config is a on
 pure function of ``(seed, stage, step)`` (no RNG state to save), so a resumed run gives the uninterrupted
 run's result on CPU, and the same command gives the same weights.
 
+**Multiple processes** (``torchrun --nproc_per_node N -m lowbit quantize ... --method dfqat``, or any process
+group, :mod:`lowbit.distributed`): data parallel with DistributedDataParallel, the same global batch as one
+process. Every process holds the whole model, the teacher and all training ids (the ids are checked to be equal
+across processes); each step's batch is cut into contiguous shares, one per process (each needs at least one
+sequence: ``dfqat_batch`` and ``dfqat_e2e_batch`` >= N); DDP wraps a module that computes the share's loss
+with the tile's blocks (tiled stage) or the whole model (end to end) and averages the gradients of the trained
+weights and of the learnable quantizers (submodules of their Linears). Each share's loss is weighted so that
+the average is the whole batch's loss (its size; for the tiled loss also the whole batch's target scale), so N
+processes give the single-process result up to float rounding. The no-grad passes (targets, propagation,
+errors) are split by chunks and gathered. The divergence guard decides on the loss averaged over the processes
+(and on any process's non-finite gradient or weights), so all go back together. Only rank 0 writes
+checkpoints and shows progress bars; all resume from the same checkpoint.
+
 A summary (per tile and end to end: losses per step, relative error before/after, seconds, steps, learning
 rates, retries) is left in ``model.dfqat_report``.
 
@@ -95,6 +111,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .blockwise import capture_inputs, run_block
 from .config import QuantConfig
 from .models import blocks as blocks_of
@@ -175,12 +192,13 @@ def settings(cfg: QuantConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------- helpers
 def float_teacher(model: nn.Module) -> nn.Module:
-    """A frozen float copy of ``model``: every QuantLinear of the copy computes with its float weight and
-    unquantized inputs (an online input rotation stays: it is part of the transformed float function)."""
+    """A frozen float copy of ``model``: every QuantLinear of the copy computes with its float weight,
+    unquantized inputs and outputs (no KV-cache quantizer); an online input rotation stays: it is part of the
+    transformed float function."""
     teacher = copy.deepcopy(model)
     for m in teacher.modules():
         if isinstance(m, QuantLinear):
-            m.w_spec, m.a_spec = None, None
+            m.w_spec, m.a_spec, m.out_spec = None, None, None
             if getattr(m, "learner", None) is not None:
                 del m.learner
     teacher.eval()
@@ -189,9 +207,9 @@ def float_teacher(model: nn.Module) -> nn.Module:
 
 
 def _live(root: nn.Module) -> list[QuantLinear]:
-    """Live QuantLinears that quantize something (weights or inputs): the modules QAT trains."""
+    """Live QuantLinears that quantize something (weights, inputs or outputs): the modules QAT trains."""
     return [m for m in root.modules() if isinstance(m, QuantLinear) and not m.frozen
-            and (m.w_spec is not None or m.a_spec is not None)]
+            and (m.w_spec is not None or m.a_spec is not None or m.out_spec is not None)]
 
 
 def _param_groups(root: nn.Module, lr: float, q_lr: float) -> list[dict]:
@@ -272,28 +290,98 @@ def _finite(params: list[Tensor]) -> bool:
 
 @torch.no_grad()
 def _forward(blocks: list[nn.Module], x: Tensor, kw: dict, chunk: int) -> Tensor:
-    """``blocks`` applied to every sequence of ``x`` ``(n, L, d)``, ``chunk`` sequences at a time."""
+    """``blocks`` applied to every sequence of ``x`` ``(n, L, d)``, ``chunk`` sequences at a time (with several
+    processes each computes its share of the chunks, then all gather the result)."""
+    starts = range(0, x.shape[0], chunk)
     outs = []
-    for s in range(0, x.shape[0], chunk):
-        h = x[s:s + chunk]
-        for b in blocks:
-            h = run_block(b, h, kw)
-        outs.append(h)
-    return torch.cat(outs)
+    with distributed.rng_unchanged(x.device):
+        for s in (starts[i] for i in distributed.share(len(starts))):
+            h = x[s:s + chunk]
+            for b in blocks:
+                h = run_block(b, h, kw)
+            outs.append(h)
+    return distributed.all_gather_cat(torch.cat(outs) if outs else x[:0])
 
 
 @torch.no_grad()
 def _tile_error(blocks: list[nn.Module], x: Tensor, target: Tensor, kw: dict, chunk: int) -> float:
     """``||tile(x) - target||^2 / ||target||^2`` over all sequences (the same measure for l1 and l2 runs)."""
+    starts = range(0, x.shape[0], chunk)
+    sums = []  # (num, den) per chunk: this process's share of the chunks
+    with distributed.rng_unchanged(x.device):
+        for s in (starts[i] for i in distributed.share(len(starts))):
+            h = x[s:s + chunk]
+            for b in blocks:
+                h = run_block(b, h, kw)
+            t = target[s:s + chunk].float()
+            sums.append((float((h.float() - t).pow(2).sum()), float(t.pow(2).sum())))
     num = den = 0.0
-    for s in range(0, x.shape[0], chunk):
-        h = x[s:s + chunk]
-        for b in blocks:
-            h = run_block(b, h, kw)
-        t = target[s:s + chunk].float()
-        num += float((h.float() - t).pow(2).sum())
-        den += float(t.pow(2).sum())
+    for part in distributed.all_gather_object(sums):  # summed in chunk order: the single-process floats
+        for a, b in part:
+            num += a
+            den += b
     return num / max(den, 1e-30)
+
+
+# ------------------------------------------------------------------------------------- data parallel
+def _my_part(idx: Tensor) -> tuple[Tensor, float]:
+    """This process's contiguous share of a step's batch ``idx`` and the weight that makes DDP's average of the
+    per-process losses the single-process loss of the whole batch (``world * share / batch``; 1 alone)."""
+    if not distributed.active():
+        return idx, 1.0
+    r = distributed.share(len(idx))
+    return idx[r.start:r.stop], distributed.world_size() * len(r) / len(idx)
+
+
+def _tile_ref(target: Tensor, kind: str) -> Tensor:
+    """The normaliser of :func:`lowbit.distill.hidden_loss` (mean square for l2, mean absolute value for l1)."""
+    t = target.detach().float()
+    ref = t.square().mean() if kind == "l2" else t.abs().mean()
+    return ref.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _tile_rescale(target: Tensor, kind: str, n: int, batch: int) -> Tensor | float:
+    """With several processes, the normalised tile loss of a share is relative to the share's own target scale:
+    this factor (no gradient) makes it relative to the whole batch's, as in one process."""
+    if not distributed.active():
+        return 1.0
+    ref = _tile_ref(target, kind)
+    whole = distributed.all_reduce_sum(ref * n) / batch  # every sequence has the same number of elements
+    return ref / whole
+
+
+class _StepLoss(nn.Module):
+    """One training step's loss on this process's share of the batch as a module, ``forward(step) -> loss``:
+    what DistributedDataParallel wraps. ``root`` (a tile, or the whole model) holds the trained parameters
+    (Linear weights and their learners, so quantizer parameters are averaged too); ``loss_at`` computes the
+    loss (penalty included) with ``root``'s modules."""
+
+    def __init__(self, root: nn.Module, loss_at: Callable[[int], Tensor]):
+        super().__init__()
+        self.root, self.loss_at = root, loss_at
+
+    def forward(self, step: int) -> Tensor:
+        return self.loss_at(step)
+
+
+def _data_parallel(root: nn.Module, loss_at: Callable[[int], Tensor], find_unused: bool = False
+                   ) -> Callable[[int], Tensor]:
+    """``loss_at`` itself in one process; with several, a DistributedDataParallel module that computes it and
+    averages the gradients of ``root``'s trained parameters over the processes during ``backward`` (a step that
+    goes back without ``backward`` is fine). Every trained dfqat parameter gets a gradient at every step;
+    ``find_unused`` (on for a ``penalty``, :mod:`lowbit.mixed`) lets some parameters go without one."""
+    if not distributed.active():
+        return loss_at
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kw = {"find_unused_parameters": find_unused}
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:  # buffers never change here
+        kw["forward_sync_buffers"] = False
+    else:
+        kw["broadcast_buffers"] = False
+    return DDP(_StepLoss(root, loss_at), **kw)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -346,6 +434,7 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
             if "NaN or inf" not in str(e):
                 raise
             loss, val = None, math.nan
+        val = distributed.mean_value(val)  # several processes: the whole batch's loss, the same decision on all
         recent = losses[-MEDIAN_WINDOW:]
         bad = None
         if not math.isfinite(val):
@@ -363,6 +452,8 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
                 due = step + 1 == steps or (every and (step + 1) % every == 0)
                 if due and not _finite(params):
                     bad = "the parameters became non-finite"
+        if distributed.active() and distributed.any_true(bad is not None) and bad is None:
+            bad = "another process diverged"  # averaged gradients make this rare; all processes go back together
         if bad is not None:
             if retries >= opts["dfqat_retries"]:
                 raise ValueError(f"dfqat: {label}: {bad} at step {step + 1} after {retries} retries (learning "
@@ -498,6 +589,8 @@ class _Checkpoint:
         self.meta.update(meta, format=FORMAT, key=self.key, frozen=frozen)
         name = f"ckpt-t{self.meta['tiles_done']}-e{self.meta['e2e_step']}.safetensors"
         self.meta["file"] = name
+        if not distributed.is_main():  # several processes hold the same state: rank 0 writes it
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.tmp"
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in flat.items()}, str(tmp))
@@ -565,18 +658,23 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
 
             def loss_at(step: int) -> Tensor:
                 idx = sampler(step).to(xq.device)
-                h = xq[idx]
+                part, w = _my_part(idx)  # several processes: this one's share of the batch
+                h = xq[part]
                 for blk in stu:
                     h = run_block(blk, h, kw)
-                loss = _tile_loss(h, target[idx], kind)
+                loss = _tile_loss(h, target[part], kind)
+                if distributed.active():
+                    loss = loss * (w * _tile_rescale(target[part], kind, len(part), len(idx)))
                 return loss if penalty is None else loss + penalty(tile, step, opts["dfqat_tile_steps"])
 
+            step_loss = _data_parallel(tile, loss_at, penalty is not None)  # DDP over the tile (several processes)
             bar = tqdm(total=opts["dfqat_tile_steps"], desc=f"dfqat {label}", disable=not progress, unit="step")
             try:
                 with torch.enable_grad():
-                    res = _train(label, groups, opts["dfqat_tile_steps"], loss_at, opts, bar=bar)
+                    res = _train(label, groups, opts["dfqat_tile_steps"], step_loss, opts, bar=bar)
             finally:
                 bar.close()
+                step_loss = None  # drop the DDP wrapper (and its gradient hooks) before anything else trains
                 for p in params:
                     p.requires_grad_(False)
                     p.grad = None
@@ -618,7 +716,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     sampler = _Sampler(len(ids), opts["dfqat_e2e_batch"], seed, label)
 
     def loss_at(step: int) -> Tensor:
-        idx = sampler(step)
+        idx, w = _my_part(sampler(step))  # several processes: this one's share of the batch (token mean: w)
         batch = ids[idx].to(device)
         if opts["dfqat_teacher"] == "topk":
             tgt = {k: getattr(data, k)[idx].to(device) for k in ("topk_values", "topk_indices", "logsumexp")}
@@ -627,6 +725,8 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
             with torch.no_grad():
                 tgt = {"logits": teacher(batch, use_cache=False).logits}
         loss = _kd(model(batch, use_cache=False).logits, tgt, opts)
+        if distributed.active():
+            loss = loss * w
         return loss if penalty is None else loss + penalty(model, step, steps)
 
     def on_save(step: int, st: dict) -> None:
@@ -637,15 +737,17 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     params = [p for g in groups for p in g["params"]]
     for p in params:
         p.requires_grad_(True)
+    step_loss = _data_parallel(model, loss_at, penalty is not None)  # DDP over the model (several processes)
     bar = tqdm(total=steps, initial=start, desc=f"dfqat {label}", disable=not progress, unit="step")
     try:
         with torch.enable_grad():
-            st = _train("end-to-end", groups, steps, loss_at, opts, clip=opts["dfqat_clip"], start=start,
+            st = _train("end-to-end", groups, steps, step_loss, opts, clip=opts["dfqat_clip"], start=start,
                         lr_scale=prev.get("lr_scale", 1.0), retries=prev.get("retries", 0),
                         losses=prev.get("losses", []), opt_state=ck.opt_state() if start else None,
                         every=opts["dfqat_save_every"], on_save=on_save, bar=bar)
     finally:
         bar.close()
+        step_loss = None  # drop the DDP wrapper (and its gradient hooks)
         for p in params:
             p.requires_grad_(False)
             p.grad = None
@@ -694,6 +796,22 @@ def _training_data(calib: Tensor | None, opts: dict):
     return ids.long(), data, source
 
 
+def _check_processes(ids: Tensor, opts: dict) -> None:
+    """Several processes: each must get at least one sequence of every step's batch, and all must hold the same
+    training ids (one-line ValueErrors, raised on every process alike)."""
+    w = distributed.world_size()
+    if w == 1:
+        return
+    for k, on in (("dfqat_batch", opts["dfqat_tile_steps"] > 0), ("dfqat_e2e_batch", opts["dfqat_e2e_steps"] > 0)):
+        if on and min(opts[k], len(ids)) < w:
+            raise ValueError(f"dfqat: {k}={opts[k]} (with {len(ids)} training sequences) leaves some of the {w} "
+                             f"processes without a sequence per step; use at least {w}")
+    digest = hashlib.sha256(ids.detach().cpu().contiguous().to(torch.int64).numpy().tobytes()).hexdigest()
+    if len(set(distributed.all_gather_object(digest))) > 1:
+        raise ValueError("dfqat: the processes hold different training sequences (give every rank the same data and "
+                         "seed)")
+
+
 @register("dfqat", needs_data=True)
 def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None, progress: bool = True) -> None:
     """Tiled QAT then end-to-end distillation (see the module docstring); the summary goes to
@@ -705,6 +823,8 @@ def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     if not _live(model):
         log.warning("dfqat: no live quantized Linear to train")
         return
+    _check_processes(ids, opts)
+    progress = progress and distributed.is_main()
     t_start = time.time()
     dtype = next(model.parameters()).dtype
     flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -721,6 +841,7 @@ def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             _load_model_tensors(model, ck.tensors, ck.meta.get("frozen", []))
             log.info("dfqat: resuming from %s (%d tiles done, end-to-end step %d)", ck.folder,
                      ck.meta["tiles_done"], ck.meta["e2e_step"])
+        distributed.barrier()  # every process has read the checkpoint before rank 0 writes the next one
         tiles: list[dict] = []
         if opts["dfqat_tile_steps"] > 0:
             _tiled_stage(model, teacher, ids, opts, cfg.seed, ck, tiles, progress)

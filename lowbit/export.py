@@ -12,11 +12,15 @@ For a quantized module ``m``: ``m.qweight`` holds the codes bit-packed at the fo
 when fractional and for BCQ's offsets; BCQ's ``m.scale`` holds its q fp16 alphas per group) / ``m.super_scale`` ...
 the scales in their stored form (:func:`lowbit.quantizer.qparams_to_tensors`); a SpQR sparse part is the
 buffers ``m.w_outlier_idx`` (int32) and ``m.w_outlier_val`` (fp16) (the dense codes at those positions
-are the rounding of the outlier values, recovered like the others). So the file size
+are the rounding of the outlier values, recovered like the others); a per-row mixed-precision Linear
+(:mod:`lowbit.mixed`) stores ``m.bitmap``, ``m.col_keep`` and per width ``b`` ``m.qweight_b{b}``,
+``m.scale_b{b}``, ``m.zero_b{b}`` (:func:`lowbit.mixed.pack_mixed`). So the file size
 matches :func:`lowbit.size.size_report` up to byte padding (plus QuaRot's online rotation factors, the fp32
 buffers ``m.in_rot``, named with their kind in the module's ``in_rot`` entry) and the safetensors header. Loading
 reads only the JSON and the tensors (no pickle) and is bit-exact for the quantized weights; the
-other tensors are exact when saved with ``float_dtype=torch.float32``.
+other tensors are exact when saved with ``float_dtype=torch.float32``. Activation and KV-cache quantizers are
+dynamic (min-max per token or group, computed in the forward): only their specs are stored, as the module
+entry's ``act`` and ``out`` (the output quantizer of a key/value projection).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from .quantizer import compute_qparams, dequantize, qparams_from_tensors, qparam
 from .tokenizer import HFTokenizer, SPTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
-_QP_BUFFERS = ("w_scale", "w_zero", "w_super_scale", "w_super_min")
+_QP_BUFFERS = ("w_scale", "w_zero", "w_super_scale", "w_super_min", "w_bits", "w_col_keep")
 
 
 def save_quantized(model: nn.Module, out: str | Path, tokenizer: Tokenizer | None = None,
@@ -58,10 +62,21 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer: Tokenizer | Non
                  "act": spec_to_dict(m.a_spec) if getattr(m, "a_spec", None) else None}
         if getattr(m, "a_clip", 1.0) != 1.0:
             entry["a_clip"] = m.a_clip
+        if getattr(m, "out_spec", None) is not None:  # output quantizer (KV cache): dynamic, nothing stored
+            entry["out"] = spec_to_dict(m.out_spec)
         if getattr(m, "in_rot", None) is not None:  # online input rotation: the factor is the buffer in_rot
             entry["in_rot"] = m.in_rot_inner
         if id(m.weight) in done:
             entry["tied_to"] = done[id(m.weight)]
+        elif getattr(m, "w_bits", None) is not None:  # per-row mixed precision (lowbit.mixed)
+            from .mixed import pack_mixed
+
+            ck = None if m.w_col_keep is None else m.w_col_keep.cpu()
+            for k, t in pack_mixed(m.weight.detach().cpu(), m.qparams.to("cpu"), m.w_bits.cpu(), ck,
+                                   m.w_bit_choices).items():
+                tensors[f"{name}.{k}"] = t.contiguous()
+            entry["mixed"] = {"choices": list(m.w_bit_choices), "col_pruned": ck is not None}
+            done[id(m.weight)] = name
         elif m.w_spec is not None:
             w = m.weight.detach().float().cpu()
             qp = m.qparams.to("cpu") if m.qparams is not None else compute_qparams(w, m.w_spec)
@@ -128,6 +143,8 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
             new.set_input_transform(tensors[f"{name}.in_rot"], entry["in_rot"])
         if "a_clip" in entry:
             new.a_clip = entry["a_clip"]
+        if entry.get("out"):
+            new.out_spec = spec_from_dict(entry["out"])
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     state = {}
@@ -137,6 +154,21 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
             continue
         src = entry.get("tied_to", name)
         shape = tuple(entry["shape"])
+        if "mixed" in entry:  # per-row mixed precision (lowbit.mixed)
+            from .mixed import unpack_mixed
+
+            sub = {k[len(src) + 1:]: v for k, v in tensors.items() if k.startswith(src + ".")}
+            try:
+                w, qp, bits, col_keep = unpack_mixed(sub, shape, entry["mixed"]["choices"], entry["mixed"]["col_pruned"])
+            except (KeyError, RuntimeError) as e:
+                raise ValueError(f"{path / 'model.safetensors'}: the mixed-precision tensors of {src} are missing or "
+                                 f"truncated ({e}); re-export the model") from None
+            with torch.no_grad():
+                m.weight.copy_(w)
+            m.set_qparams(qp)
+            m.w_bits, m.w_col_keep, m.w_bit_choices = bits, col_keep, list(entry["mixed"]["choices"])
+            m.frozen = True
+            continue
         qt = {k[len(src) + 1:]: v for k, v in tensors.items() if k.startswith(src + ".") and k != f"{src}.qweight"
               and k[len(src) + 1:] in ("scale", "scale_e8m0", "zero", "super_scale", "sub_scale", "super_min", "sub_min")}
         if f"{src}.qweight" not in tensors:

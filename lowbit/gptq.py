@@ -10,7 +10,10 @@ done in blocks of ``block_size`` columns with a lazy update of the rest (same re
 passes over W). Options as in the reference code: damping ``percdamp * mean(diag H)``, dead inputs
 (``H_ii = 0``) zeroed, ``act_order`` (columns by decreasing ``H_ii``) with static groups (every
 group's scale computed from the original W, so groups stay contiguous and the stored layout is the
-plain ``PerGroup`` one), and groups formed from the *updated* W otherwise.
+plain ``PerGroup`` one), and groups formed from the *updated* W otherwise. ``static_groups=True``
+without act-order also takes every group's qparams from the original W before the column loop
+(llm-compressor's GPTQ always does this; ``--opt gptq_static_groups=true``): the grid is then
+RTN's min-max grid, and only the rounding decisions move.
 
 Works for any uniform or table format of lowbit with per-channel or per-group scales.
 """
@@ -85,8 +88,12 @@ def inverse_hessian_factor(W: Tensor, H: Tensor, percdamp: float = 0.01, act_ord
 
 
 def gptq(W: Tensor, H: Tensor, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
-         act_order: bool = False, static_groups: bool = True, keep: Tensor | None = None) -> QuantizedWeight:
+         act_order: bool = False, static_groups: bool | None = None, keep: Tensor | None = None) -> QuantizedWeight:
     """Quantize ``W`` (out, in) given the input Hessian ``H`` (in, in); see the module docstring.
+
+    ``static_groups``: group qparams from the original ``W`` before the loop (True) or when the loop
+    reaches each group, from the updated weights (False, refused with ``act_order``); None (default):
+    static with ``act_order``, lazy without (the reference code's choices).
 
     ``keep`` (bool, shape of ``W``) marks weights that stay in fp16 instead (SpQR's outliers): their
     error is only the fp16 rounding, and they are left out of their group's scale statistics. Their
@@ -101,9 +108,10 @@ def _fp16(x: Tensor) -> Tensor:
 
 
 def _gptq_columns(W: Tensor, perm: Tensor, U: Tensor, spec: QuantSpec, block_size: int, act_order: bool,
-                  static_groups: bool, keep: Tensor | None) -> tuple[QuantizedWeight, Tensor]:
+                  static_groups: bool | None, keep: Tensor | None) -> tuple[QuantizedWeight, Tensor]:
     """GPTQ's column loop over ``W`` (original order) visiting columns in ``perm``'s order. Returns the
-    quantized weight and the values it chose (fp16 values where ``keep``), in the original order."""
+    quantized weight and the values it chose (fp16 values where ``keep``), in the original order.
+    ``static_groups`` as in :func:`gptq` (None: static iff ``act_order``)."""
     gran = spec.granularity
     R, C = W.shape
     dev = W.device
@@ -112,7 +120,8 @@ def _gptq_columns(W: Tensor, perm: Tensor, U: Tensor, spec: QuantSpec, block_siz
     G = -(-C // gs)
     scale = torch.empty(R, G, 1, device=dev)
     zero = torch.empty(R, G, 1, device=dev) if spec.is_uniform else None
-    if isinstance(gran, PerChannel) or (act_order and static_groups):
+    static = act_order if static_groups is None else static_groups
+    if isinstance(gran, PerChannel) or static:
         # from the original W (kept weights left out): groups stay contiguous
         full = compute_qparams(W if keep is None else torch.where(keep, torch.zeros_like(W), W), spec)
         scale, zero = full.scale.clone(), None if full.zero is None else full.zero.clone()
@@ -209,8 +218,9 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
 
     Settings (``cfg.extra``): ``percdamp`` (0.01), ``act_order`` (True: columns by decreasing Hessian
     diagonal with static groups, the reference README's recommended setting; without it GPTQ can lose
-    to RTN on Llama-family models), ``block_size`` (128)."""
-    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+    to RTN on Llama-family models), ``block_size`` (128), ``gptq_static_groups`` (a boolean; default:
+    static with act-order, lazy without; true without act-order = llm-compressor's static groups)."""
+    opts = options(cfg)
 
     def solve(mods: dict[str, QuantLinear], H: Tensor) -> None:
         for names, qws in _solve_shared_input(mods, H, opts):
@@ -218,6 +228,20 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
                 mods[n].freeze(q)
 
     sequential_solve(model, calib, solve, "gptq", progress)
+
+
+def options(cfg: QuantConfig) -> dict:
+    """The keyword arguments of :func:`gptq` given by ``cfg.extra``, checked (one-line ValueErrors)."""
+    opts = {"act_order": True} | {k: cfg.extra[k] for k in ("percdamp", "act_order", "block_size") if k in cfg.extra}
+    if "gptq_static_groups" in cfg.extra:
+        sg = cfg.extra["gptq_static_groups"]
+        if not isinstance(sg, bool):
+            raise ValueError(f"gptq_static_groups must be true or false, got {sg!r}")
+        if opts["act_order"] and not sg:
+            raise ValueError("gptq_static_groups=false needs act_order off (act-order keeps groups contiguous "
+                             "only with static groups)")
+        opts["static_groups"] = sg
+    return opts
 
 
 def _split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:

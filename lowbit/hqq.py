@@ -26,8 +26,16 @@ Zero-points: HQQ keeps ``z`` fractional, stored in fp16: that is ``QuantSpec(zer
 ``[0, 2^b - 1]``), so it is stored in b bits like RTN's; the proximal steps move ``z`` by less than
 half a step, so this mostly lands back on RTN's grid (no gain on stories260K).
 
+Rounded start (``round_zero=True``, ``--opt hqq_round_zero=true``): the solver starts from the min-max
+``z`` rounded to an integer, i.e. from RTN's grid exactly, instead of the fractional min-max ``z``;
+this is the ``hqq`` package's default at 4 bits (``round_zero=True`` in its ``BaseQuantizeConfig`` for
+``nbits=4``, False otherwise). Only the start changes: the iterates stay fractional (or are rounded at
+the end, as above), and the best-of tracking still includes RTN, so the result is never worse than
+RTN on the ``l_p`` objective either.
+
 Settings of the model-level method (``--opt KEY=VALUE``, recorded in ``QuantConfig.extra``):
-``hqq_iters`` (20), ``hqq_lp`` (p, 0.7), ``hqq_beta`` (10.0), ``hqq_kappa`` (1.01).
+``hqq_iters`` (20), ``hqq_lp`` (p, 0.7), ``hqq_beta`` (10.0), ``hqq_kappa`` (1.01), ``hqq_round_zero``
+(false; a boolean).
 """
 from __future__ import annotations
 
@@ -51,6 +59,17 @@ OPTION_KEYS = {"hqq_iters": ("iters", int), "hqq_lp": ("lp_norm", float), "hqq_b
                "hqq_kappa": ("kappa", float)}
 
 
+def options(cfg: QuantConfig) -> dict:
+    """The keyword arguments of :func:`hqq` given by ``cfg.extra`` (``hqq_*`` keys), checked."""
+    opts = {name: typ(cfg.extra[key]) for key, (name, typ) in OPTION_KEYS.items() if key in cfg.extra}
+    if "hqq_round_zero" in cfg.extra:
+        rz = cfg.extra["hqq_round_zero"]
+        if not isinstance(rz, bool):
+            raise ValueError(f"hqq_round_zero must be true or false, got {rz!r}")
+        opts["round_zero"] = rz
+    return opts
+
+
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:
     """Generalised soft-thresholding ``sign(x) relu(|x| - |x|^(p-1) / beta)`` (0 stays 0)."""
     a = x.abs()
@@ -70,12 +89,16 @@ def check_spec(spec: QuantSpec) -> None:
 
 
 def hqq(W: Tensor, spec: QuantSpec, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0,
-        kappa: float = 1.01, optimize_scale: bool = False, early_stop: bool = True) -> QuantizedWeight:
-    """Quantize ``W`` with HQQ's half-quadratic proximal solver (see the module docstring)."""
+        kappa: float = 1.01, optimize_scale: bool = False, early_stop: bool = True,
+        round_zero: bool = False) -> QuantizedWeight:
+    """Quantize ``W`` with HQQ's half-quadratic proximal solver (see the module docstring);
+    ``round_zero``: start from the rounded (integer) min-max zero-point, as the package does at 4 bits."""
     check_spec(spec)
     W = W.detach().float()
     qmax = spec.fmt.qmax
-    init = compute_qparams(W, replace(spec, zero_point="float"))  # min-max (or clip-searched) s, fractional z
+    # min-max (or clip-searched) s and fractional z; with round_zero, RTN's s and integer z (rounded before
+    # the fp16 rounding of z, exactly RTN's grid)
+    init = compute_qparams(W, replace(spec, zero_point="int" if round_zero else "float"))
     xg, lay = to_groups(W, spec.granularity)
     m = lay.mask(W.device).float()
     cnt = m.sum(-1, keepdim=True)
@@ -126,7 +149,7 @@ def hqq(W: Tensor, spec: QuantSpec, *, iters: int = 20, lp_norm: float = 0.7, be
 @register("hqq", needs_data=False, kind="solver")
 def hqq_method(model: nn.Module, cfg: QuantConfig, calib=None, progress: bool = True) -> None:
     """HQQ on every quantized Linear not yet frozen, on the device its weight is on (no data)."""
-    opts = {name: typ(cfg.extra[key]) for key, (name, typ) in OPTION_KEYS.items() if key in cfg.extra}
+    opts = options(cfg)
     mods = [m for m in quant_modules(model).values()
             if isinstance(m, QuantLinear) and not m.frozen and m.w_spec is not None]
     if mods:

@@ -72,6 +72,9 @@ class ArchSpec:
     # per-channel scale folding (lowbit.smooth), in block order; a norm scales by (norm_offset + weight)
     scale_groups: tuple[ScaleGroup, ...] = _llama_scale_groups()
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    # the key and value projections: their outputs are what the KV cache stores (QuantConfig.kv quantizes them);
+    # the same names in Llama, Mistral, Qwen2/3, Gemma 2/3 and OPT
+    kv: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -303,3 +306,10 @@ def model_name(name: str | Path) -> str:
 
 def max_context(model: nn.Module) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def head_dim(model: nn.Module) -> int:
+    """Width of one attention head (``config.head_dim``, else hidden size / number of heads)."""
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None)
+    return int(d) if d else int(cfg.hidden_size // cfg.num_attention_heads)

@@ -333,9 +333,10 @@ class _OmniLinear(nn.Module):
         if not isinstance(lin, QuantLinear):
             return F.linear(x.to(w.dtype), w, b)
         lwc = self.lwc if st.quant else None
-        a_spec, a_clip = lin.a_spec, lin.a_clip
+        a_spec, a_clip, out_spec = lin.a_spec, lin.a_clip, lin.out_spec
         lin.quantized_weight = (lambda: lwc(w)) if lwc is not None else (lambda: w)
         lin.a_spec = None  # quantized below, in a pre-hook that runs after any input rotation of the module
+        lin.out_spec = None  # the KV-cache quantizer: below, after LET's bias swap (none in the float targets)
         hook = None
         if st.quant and a_spec is not None:
             hook = lin.register_forward_pre_hook(
@@ -346,9 +347,11 @@ class _OmniLinear(nn.Module):
             if hook is not None:
                 hook.remove()
             del lin.quantized_weight
-            lin.a_spec = a_spec
+            lin.a_spec, lin.out_spec = a_spec, out_spec
         if st.let and b is not None and self.name in st.s_out:  # LET divided the bias (v -> o): swap it in
             out = out + (b - lin.bias)
+        if st.quant and out_spec is not None:
+            out = dynamic_fake_quant(out, out_spec)
         return out
 
 

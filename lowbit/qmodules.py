@@ -2,7 +2,9 @@
 
 ``QuantLinear`` serves simulation, PTQ results and QAT alike. It keeps the float ``weight``
 Parameter (shared with the original Linear) and a weight spec; optionally an activation spec
-applied to its input (e.g. int8 per token). Two states:
+applied to its input (e.g. int8 per token) and an output spec applied to its result (``out_spec``:
+the KV-cache quantizer on the key and value projections, e.g. int4 per token; dynamic min-max
+qparams, straight-through gradient). Two states:
 
 * *live* (QAT, simulation): every forward fake-quantizes ``weight`` (min-max qparams recomputed,
   or the frozen ones if set), with the straight-through gradient;
@@ -77,6 +79,7 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(w_spec)
         self.a_spec = a_spec
+        self.out_spec: QuantSpec | None = None  # output quantizer (KV cache): fake-quantizes the matmul's result
         self.a_clip = 1.0  # activation range ratio (QuaRot's a_clip_ratio): the scale is multiplied by it
         # online input rotation (lowbit.quarot): x <- x @ (in_rot (x) M) before the activation quantizer
         self.register_buffer("in_rot", None)
@@ -84,14 +87,21 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         # SpQR's sparse part (lowbit.spqr): int32 flat indices and fp16 values of weights kept in 16 bits
         self.register_buffer("w_outlier_idx", None)
         self.register_buffer("w_outlier_val", None)
+        # per-row mixed precision (lowbit.mixed): width per row (uint8, 0 = pruned row), kept input columns
+        # (bool, None = all) and the allowed widths; ``weight`` holds the dequantized values, zeros where pruned
+        self.register_buffer("w_bits", None)
+        self.register_buffer("w_col_keep", None)
+        self.w_bit_choices: list[int] | None = None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec | None = None) -> "QuantLinear":
+    def from_linear(cls, lin: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec | None = None,
+                    out_spec: QuantSpec | None = None) -> "QuantLinear":
         """Wrap ``lin``; the new module shares its weight and bias Parameters."""
         with torch.device("meta"):
             q = cls(lin.in_features, lin.out_features, lin.bias is not None, w_spec, a_spec)
         q.weight = lin.weight
         q.bias = lin.bias
+        q.out_spec = out_spec
         return q
 
     def set_outliers(self, idx: Tensor, val: Tensor) -> None:
@@ -130,15 +140,24 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
                 qp = compute_qparams(x, self.a_spec)
                 qp.scale = qp.scale * self.a_clip
             x = fake_quantize(x, self.a_spec, qp)
-        return F.linear(x, self.quantized_weight(), self.bias)
+        y = F.linear(x, self.quantized_weight(), self.bias)
+        if self.out_spec is not None:  # KV cache: what the key/value projection writes is stored quantized
+            y = fake_quantize(y, self.out_spec)
+        return y
 
     def extra_repr(self) -> str:
         a = f", act={self.a_spec.describe()}" if self.a_spec else ""
         a += f", a_clip={self.a_clip}" if self.a_clip != 1.0 else ""
+        a += f", out={self.out_spec.describe()}" if self.out_spec else ""
         if self.in_rot is not None:  # K (x) H_p or K (x) I_p
             m = self.in_rot.shape[0]
             a += f", in_rot=K{m}(x){'H' if self.in_rot_inner == 'hadamard' else 'I'}{self.in_features // m}"
         w = self.w_spec.describe() if self.w_spec else "float"
+        if self.w_bits is not None:  # mixed precision: mean width of kept rows, pruned rows / columns
+            b = self.w_bits.float()
+            kept = b[b > 0]
+            w = (f"mixed {float(kept.mean()) if kept.numel() else 0:.2f}b/row, {int((b == 0).sum())} rows"
+                 + (f" {int((~self.w_col_keep).sum())} cols" if self.w_col_keep is not None else "") + " pruned")
         return f"{self.in_features}, {self.out_features}, w={w}{a}, frozen={self.frozen}"
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import QuantConfig
+from .formats import BCQ
 from .models import arch_of, get_module, set_module, tied_embeddings
 from .qmodules import QuantEmbedding, QuantLinear, quant_modules, replace_modules
 
@@ -29,7 +30,7 @@ ALGORITHMS: dict[str, Algorithm] = {}
 # methods that live in their own module register themselves when it is imported (on first use)
 METHOD_MODULES = {"gptq": "gptq", "awq": "awq", "smoothquant": "smoothquant", "quarot": "quarot", "hqq": "hqq",
                   "omniquant": "omniquant", "spqr": "spqr", "bcq": "bcq",
-                  "dfqat": "dfqat"}
+                  "dfqat": "dfqat", "mixed": "mixed"}
 
 
 def register(name: str, *, needs_data: bool = False, kind: str = "solver") -> Callable[[Algorithm], Algorithm]:
@@ -90,6 +91,38 @@ def block_linear_filter(model: nn.Module, skip: tuple[str, ...] = ()) -> Callabl
     return filt
 
 
+def kv_linears(model: nn.Module) -> list[str]:
+    """Full names of the key and value projections of every decoder block (``ArchSpec.kv``)."""
+    arch = arch_of(model)
+    return [f"{arch.layers}.{i}.{rel}" for i in range(len(get_module(model, arch.layers))) for rel in arch.kv]
+
+
+def _check_kv(model: nn.Module, spec) -> None:
+    """A KV-cache spec must be causal: scales per token (``token``) or per token and run of channels
+    (``g<size>``, e.g. the head width); a scale shared across tokens would let a token see later ones."""
+    from .granularity import PerGroup, PerToken, check_fits
+
+    if not isinstance(spec.granularity, (PerToken, PerGroup)):
+        from .config import granularity_to_str
+
+        raise ValueError(f"KV-cache granularity {granularity_to_str(spec.granularity)} is not per token; use token, "
+                         "head or g<size> (one scale per token, or per token and group of channels)")
+    if isinstance(spec.fmt, BCQ):
+        raise ValueError("BCQ formats fit their levels iteratively and are for weights only; give the KV cache an "
+                         "int, float or MX format")
+    names = kv_linears(model)
+    if not names:
+        raise ValueError("this architecture names no key/value projections (ArchSpec.kv)")
+    for name in names:
+        m = get_module(model, name)
+        if not isinstance(m, nn.Linear):
+            raise ValueError(f"{name} is not a Linear layer; cannot quantize its output as the KV cache")
+        try:
+            check_fits(spec.granularity, (1, m.out_features))
+        except ValueError as e:
+            raise ValueError(f"KV cache ({name}): {e}") from None
+
+
 def _quantize_embeddings(model: nn.Module, cfg: QuantConfig) -> None:
     """Embedding and head. Tied weights are one tensor: one spec, one set of qparams."""
     arch = arch_of(model)
@@ -122,8 +155,10 @@ def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
     from .granularity import check_fits
 
     recipe_steps(cfg.method)
-    if cfg.weight is None and cfg.act is None and cfg.embed is None and cfg.head is None:
-        raise ValueError("nothing to quantize: give a weight, activation, embedding or head spec")
+    if cfg.weight is None and cfg.act is None and cfg.embed is None and cfg.head is None and cfg.kv is None:
+        raise ValueError("nothing to quantize: give a weight, activation, KV-cache, embedding or head spec")
+    if cfg.kv is not None:
+        _check_kv(model, cfg.kv)
     filt = block_linear_filter(model, cfg.skip)
     targets = [(n, m) for n, m in model.named_modules() if filt(m, n)]
     if (cfg.weight is not None or cfg.act is not None) and not targets:
@@ -173,6 +208,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
         for m in quant_modules(model).values():
             if isinstance(m, QuantLinear) and m.a_spec is not None:
                 m.a_clip = float(cfg.extra.get("a_clip", 1.0))  # activation range ratio (QuaRot's a_clip_ratio)
+    if cfg.kv is not None:  # KV cache: an output quantizer on every key/value projection (float ones get wrapped)
+        for name in kv_linears(model):
+            m = get_module(model, name)
+            if not isinstance(m, QuantLinear):
+                m = QuantLinear.from_linear(m, None)
+                set_module(model, name, m)
+            m.out_spec = cfg.kv
     for step in steps:
         get_algorithm(step)(model, cfg, calib=calib, progress=progress)
     if steps[-1] != "rtn":

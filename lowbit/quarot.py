@@ -30,7 +30,8 @@ ones are QuantLinear input transforms (the small factor in buffer ``in_rot``, sa
 :mod:`lowbit.export`) run as forward pre-hooks, so GPTQ's Hessian is taken on the rotated input.
 
 Not done: the paper's online Hadamard on Q and K after RoPE, which only serves KV-cache
-quantization (lowbit does not quantize the KV cache). Activation quantization (``cfg.act``, e.g. int4
+quantization of post-RoPE keys (lowbit's KV quantizer, ``cfg.kv``, works on the k_proj/v_proj outputs,
+before RoPE; the values it quantizes are rotated per head by the V/O rotation above). Activation quantization (``cfg.act``, e.g. int4
 per token, symmetric) is done by each QuantLinear on its (rotated) input; ``cfg.extra["a_clip"]`` (the
 paper's ``a_clip_ratio``, about 0.9) shrinks those ranges (scale * a_clip); :func:`lowbit.quantize.quantize_model`
 applies it to every method.

@@ -1,7 +1,7 @@
 """Exact storage accounting: bits per parameter, by part of the model.
 
 Quantized tensors count their codes, scales, zero-points and any second-level scale metadata
-(:func:`lowbit.quantizer.storage_bits`), plus a SpQR sparse part if any (48 bits per outlier: int32
+(:func:`lowbit.quantizer.storage_bits`; per-row mixed precision: :func:`lowbit.mixed.mixed_storage_bits`), plus a SpQR sparse part if any (48 bits per outlier: int32
 index, fp16 value); every other tensor counts ``float_bits`` per value (16 by
 default: unquantized tensors are shipped in fp16, as GPTQ/AWQ papers count them, and
 ``lowbit quantize --out`` writes them so). Tied embeddings are one tensor and counted once, under
@@ -45,7 +45,12 @@ def size_report(model: nn.Module, float_bits: int = 16) -> dict:
         part = _part(name, arch)
         n = p.numel()
         spec = getattr(mod, "w_spec", None) if pname == "weight" else None
-        if isinstance(mod, (QuantLinear, QuantEmbedding)) and spec is not None:
+        if isinstance(mod, QuantLinear) and pname == "weight" and getattr(mod, "w_bits", None) is not None:
+            from .mixed import index_bits, mixed_storage_bits  # per-row widths (lowbit.mixed)
+
+            bits = mixed_storage_bits(mod.w_bits, mod.w_col_keep, tuple(p.shape), index_bits(mod.w_bit_choices))["total"]
+            parts[part]["quantized_params"] += n
+        elif isinstance(mod, (QuantLinear, QuantEmbedding)) and spec is not None:
             bits = storage_bits(tuple(p.shape), spec)["total"]
             parts[part]["quantized_params"] += n
             for t in (getattr(mod, "w_outlier_idx", None), getattr(mod, "w_outlier_val", None)):

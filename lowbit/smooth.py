@@ -149,16 +149,16 @@ def input_stats(root: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Cha
 
 @contextmanager
 def float_mode(module: nn.Module) -> Iterator[dict[QuantLinear, tuple]]:
-    """Run the QuantLinears inside ``module`` without weight or activation quantization; yields their
-    ``(w_spec, a_spec)``, restored on exit."""
-    specs = {m: (m.w_spec, m.a_spec) for m in module.modules() if isinstance(m, QuantLinear)}
+    """Run the QuantLinears inside ``module`` without weight, activation or output (KV-cache) quantization;
+    yields their ``(w_spec, a_spec, out_spec)``, restored on exit."""
+    specs = {m: (m.w_spec, m.a_spec, m.out_spec) for m in module.modules() if isinstance(m, QuantLinear)}
     for m in specs:
-        m.w_spec = m.a_spec = None
+        m.w_spec = m.a_spec = m.out_spec = None
     try:
         yield specs
     finally:
-        for m, (w, a) in specs.items():
-            m.w_spec, m.a_spec = w, a
+        for m, (w, a, o) in specs.items():
+            m.w_spec, m.a_spec, m.out_spec = w, a, o
 
 
 @contextmanager
@@ -166,12 +166,12 @@ def quant_mode(specs: dict[QuantLinear, tuple], module: nn.Module) -> Iterator[N
     """Inside :func:`float_mode`: quantize ``module``'s QuantLinears again (live, as RTN would) for a while."""
     mods = [m for m in module.modules() if m in specs]
     for m in mods:
-        m.w_spec, m.a_spec = specs[m]
+        m.w_spec, m.a_spec, m.out_spec = specs[m]
     try:
         yield
     finally:
         for m in mods:
-            m.w_spec = m.a_spec = None
+            m.w_spec = m.a_spec = m.out_spec = None
 
 
 def rel_error(out: Sequence[Tensor], ref: Sequence[Tensor]) -> float:

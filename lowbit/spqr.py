@@ -128,7 +128,7 @@ def spqr(W: Tensor, H: Tensor, spec: QuantSpec, *, outlier_frac: float = 0.01, p
     u_orig = torch.empty(C, device=W.device)
     u_orig[perm.to(W.device)] = torch.diag(U)  # U_jj of each original column
     mask = select_outliers(W, spec, u_orig, round(outlier_frac * R * C))
-    qw, Q = _gptq_columns(W, perm, U, spec, block_size, act_order, True, mask)
+    qw, Q = _gptq_columns(W, perm, U, spec, block_size, act_order, None, mask)  # static groups iff act_order
     idx = mask.flatten().nonzero().flatten()
     values = Q.flatten()[idx].half()  # the kept fp16 values (the dense codes there are their rounding)
     return SpQRWeight(qw, idx.to(torch.int32), values)

@@ -92,6 +92,7 @@ def _roundtrip_checks(model, tmp_path, tok=None, ids=None):
         r = mods32[n]
         assert type(r) is type(m) and r.frozen == m.frozen and r.w_spec == m.w_spec
         assert getattr(r, "a_spec", None) == getattr(m, "a_spec", None)
+        assert getattr(r, "out_spec", None) == getattr(m, "out_spec", None), n
         assert torch.equal(r.weight, m.weight), n
         for f in ("w_scale", "w_zero", "w_super_scale", "w_super_min"):
             a, b = getattr(m, f), getattr(r, f)

@@ -117,3 +117,66 @@ def test_stacked_rows_equal_separate_solves(act_order):
         qs = gptq(W, H, spec, act_order=act_order)
         assert torch.equal(qj.codes, qs.codes)
         assert torch.allclose(qj.dequantize(), qs.dequantize(), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt, gran", [("int4", "g32"), ("int3", "g32"), ("int2", "g64"), ("int3", "g40"),
+                                       ("nf4", "g32")])
+def test_static_groups_without_act_order(fmt, gran):
+    """llm-compressor's choice: every group's qparams from the original W (RTN's grid), in natural order."""
+    from lowbit.quantizer import compute_qparams
+
+    W, X = _layer(seed=4)
+    H = _hessian(X)
+    spec = parse_spec(fmt, gran)
+    q = gptq(W, H, spec, static_groups=True)
+    rtn = quantize_weight(W, spec)
+    assert _objective(W, q.dequantize(), H) < _objective(W, rtn.dequantize(), H)
+    qp = compute_qparams(W, spec)
+    assert torch.equal(q.qparams.scale, qp.scale)
+    assert (q.qparams.zero is None) == (qp.zero is None)
+    if qp.zero is not None:
+        assert torch.equal(q.qparams.zero, qp.zero)
+    assert torch.equal(quantize(q.dequantize(), q.qparams, spec), q.codes)
+    # the default without act-order fits each group on the updated weights: other qparams
+    lazy = gptq(W, H, spec)
+    assert not torch.equal(lazy.qparams.scale, qp.scale)
+
+
+def test_static_groups_option_of_the_method():
+    from lowbit.config import QuantConfig
+    from lowbit.gptq import options
+
+    spec = parse_spec("int4", "g32")
+    opts = options(QuantConfig(weight=spec, method="gptq", extra={"act_order": False, "gptq_static_groups": True}))
+    assert opts == {"act_order": False, "static_groups": True}
+    assert "static_groups" not in options(QuantConfig(weight=spec, method="gptq"))
+    for extra in ({"gptq_static_groups": "yes"}, {"gptq_static_groups": 1},
+                  {"act_order": True, "gptq_static_groups": False}):
+        with pytest.raises(ValueError) as e:
+            options(QuantConfig(weight=spec, method="gptq", extra=extra))
+        assert "\n" not in str(e.value) and "gptq_static_groups" in str(e.value)
+
+
+def test_static_groups_method_on_a_tiny_model():
+    """The model-level method passes the option through: every Linear ends on RTN's min-max grid."""
+    import copy
+
+    from conftest import tiny_model
+
+    from lowbit.config import QuantConfig
+    from lowbit.qmodules import QuantLinear
+    from lowbit.quantize import quantize_model
+    from lowbit.quantizer import compute_qparams
+
+    base = tiny_model()
+    W0 = {n: m.weight.detach().clone() for n, m in base.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    spec = parse_spec("int3", "g16")
+    for static in (True, False):
+        m = quantize_model(copy.deepcopy(base), QuantConfig(weight=spec, method="gptq",
+                                                            extra={"act_order": False, "gptq_static_groups": static}),
+                           calib=calib, progress=False)
+        same = [torch.equal(mod.w_scale, compute_qparams(W0[n], spec).scale)
+                for n, mod in m.model.layers.named_modules() if isinstance(mod, QuantLinear)]
+        assert len(same) == len(W0)
+        assert all(same) if static else not all(same)

@@ -201,3 +201,44 @@ def test_cli_zero_point_flag(tmp_path, capsys):
     assert rec["config"]["weight"]["zero_point"] == "float" and rec["config"]["extra"] == {"hqq_iters": 5}
     code = main(["-q", "quantize", "stories260k", "--method", "hqq", "--w-format", "int3", "--w-sym"])
     assert code == 2 and "HQQ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("zero_point", ["float", "int"])
+def test_round_zero_start_never_worse_than_rtn(bits, gran, zero_point):
+    """The hqq package's 4-bit default: the solver starts from the rounded min-max zero-point."""
+    W = _heavy_tailed(seed=10 + bits)
+    spec = parse_spec(f"int{bits}", gran, zero_point=zero_point)
+    rtn = quantize_weight(W, parse_spec(f"int{bits}", gran)).dequantize()
+    q = hqq(W, spec, round_zero=True)
+    assert _lp(W, q.dequantize()) <= _lp(W, rtn) * (1 + 1e-6)
+    assert torch.equal(quantize(q.dequantize(), q.qparams, q.spec), q.codes)
+    # no rounds: the only iterate is the start, which is then RTN's integer grid exactly
+    q0 = hqq(W, spec, iters=0, round_zero=True)
+    assert torch.equal(q0.qparams.zero, q0.qparams.zero.round())
+    assert torch.equal(q0.dequantize(), rtn)
+    if zero_point == "float":  # the default start is fractional: the option changes where the solver begins
+        z0 = hqq(W, spec, iters=0).qparams.zero
+        assert (z0 != z0.round()).any()
+        assert not torch.equal(q.qparams.zero, hqq(W, spec).qparams.zero)
+
+
+def test_round_zero_option_of_the_method():
+    from lowbit.hqq import options
+    from lowbit.quantize import quantize_model
+
+    spec = parse_spec("int4", "g32", zero_point="float")
+    assert options(QuantConfig(weight=spec, method="hqq", extra={"hqq_round_zero": True})) == {"round_zero": True}
+    assert options(QuantConfig(weight=spec, method="hqq", extra={"hqq_iters": 5})) == {"iters": 5}
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError) as e:
+            options(QuantConfig(weight=spec, method="hqq", extra={"hqq_round_zero": bad}))
+        assert "\n" not in str(e.value) and "hqq_round_zero" in str(e.value)
+    base = tiny_model()
+    W = base.model.layers[0].mlp.down_proj.weight.detach().clone()
+    m = quantize_model(copy.deepcopy(base), QuantConfig(weight=spec, method="hqq", extra={"hqq_round_zero": True}),
+                       progress=False)
+    got = m.model.layers[0].mlp.down_proj.weight.detach()
+    assert torch.equal(got, hqq(W, spec, round_zero=True).dequantize().to(got.dtype))
+    assert not torch.equal(got, hqq(W, spec).dequantize().to(got.dtype))

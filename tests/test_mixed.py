@@ -1,0 +1,311 @@
+"""Per-channel mixed precision (issue 5): coupled pruning units are exact, the noise has the rounding
+variance, storage accounting equals the packed file, the repair meets the budget by sensitivity, the method
+runs end to end, saves and reloads bit-exactly, and bad input gets one-line errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowbit.mixed as mx
+from conftest import needs_shared, tiny_model
+from lowbit.config import QuantConfig, parse_spec
+from lowbit.qmodules import QuantLinear
+from lowbit.quantize import quantize_model
+from lowbit.size import size_report
+
+SPEC = parse_spec("int8", "channel")
+TINY = {"dfqat_tile": 1, "dfqat_tile_steps": 3, "dfqat_e2e_steps": 3, "dfqat_batch": 4, "mixed_noise_tile_steps": 6,
+        "mixed_noise_e2e_steps": 6,
+        "mixed_fisher_batches": 2, "dfqat_e2e_lr": 3e-5, "dfqat_e2e_q_lr": 1e-5, "dfqat_lr": 3e-5}
+
+
+def _ids(n=4, length=24, seed=0):
+    return torch.randint(3, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(target=3.0, model=None, **extra):
+    model = tiny_model() if model is None else model
+    cfg = QuantConfig(weight=SPEC, method="mixed", extra=dict(TINY, mixed_target_bits=target, **extra))
+    return quantize_model(model, cfg, calib=_ids(), progress=False)
+
+
+# ------------------------------------------------------------------------------------------ coupling
+def _block_out(block, x, model):
+    from lowbit.blockwise import capture_inputs, run_block
+
+    return run_block(block, x, model._kw)
+
+
+def _capture(model):
+    from lowbit.blockwise import capture_inputs
+
+    hidden, kw = capture_inputs(model, [_ids(1, 16)])
+    model._kw = kw
+    return hidden[0]
+
+
+@pytest.mark.parametrize("kind", ["ffn", "vo", "qk"])
+def test_pruned_unit_makes_its_partners_irrelevant(kind):
+    """Zero the unit's members on one side (down columns; o columns; q rows): the block's output no longer
+    depends on the other side (gate/up rows; v rows; k rows, RoPE pairs included)."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    block = model.model.layers[0]
+    x = _capture(model)
+    unit = {u.kind: u for u in mx.block_units(block, model.config)}[kind]
+    sel = torch.tensor([0, 3, unit.n - 1])
+    zero_side, free_side = {"ffn": ("cols", "rows"), "vo": ("cols", "rows"), "qk": ("rows", "rows")}[kind]
+    mods = dict(block.named_modules())
+    zero_names = {"ffn": ["mlp.down_proj"], "vo": ["self_attn.o_proj"], "qk": ["self_attn.q_proj"]}[kind]
+    free_names = {"ffn": ["mlp.gate_proj", "mlp.up_proj"], "vo": ["self_attn.v_proj"], "qk": ["self_attn.k_proj"]}[kind]
+    with torch.no_grad():
+        for n in zero_names:
+            idx = getattr(unit, zero_side)[n][sel].reshape(-1)
+            w = mods[n].weight
+            if zero_side == "cols":
+                w[:, idx] = 0
+            else:
+                w[idx] = 0
+        ref = _block_out(block, x, model)
+        for n in free_names:
+            idx = getattr(unit, free_side)[n][sel].reshape(-1)
+            mods[n].weight[idx] = torch.randn_like(mods[n].weight[idx]) * 5
+        out = _block_out(block, x, model)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # and the oracle can fail: perturbing rows *outside* the unit changes the output
+    with torch.no_grad():
+        other = [i for i in range(getattr(unit, free_side)[free_names[0]].shape[0]) if i not in sel.tolist()][:2]
+        idx = getattr(unit, free_side)[free_names[0]][torch.tensor(other)].reshape(-1)
+        mods[free_names[0]].weight[idx] += 1.0
+        assert not torch.allclose(_block_out(block, x, model), ref, atol=1e-4)
+
+
+def test_units_cover_rows_once():
+    model = tiny_model()
+    block = model.model.layers[0]
+    units = mx.block_units(block, model.config)
+    for u in units:
+        for name, idx in {**u.rows, **u.cols}.items():
+            assert idx.shape[0] == u.n
+            assert idx.reshape(-1).unique().numel() == idx.numel()  # no row in two units
+    vo = {u.kind: u for u in units}["vo"]
+    assert vo.cols["self_attn.o_proj"].numel() == model.config.hidden_size  # every o column in one unit
+
+
+# ----------------------------------------------------------------------------------------- learners
+def test_noise_has_rounding_variance_and_gradients():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4096)
+    lr = mx.NoisyRows(w, 2.0, 8.0, 4.0)
+    out = lr(w)
+    r = w.amax(1) - w.amin(1)
+    delta = r / (2 ** lr.bits().detach() - 1)
+    var = (out.detach() - w).var(1)
+    assert torch.allclose(var, delta ** 2 / 12, rtol=0.1)  # uniform noise: the variance of real rounding
+    (out - w).pow(2).sum().backward()
+    assert lr.logit.grad is not None and (lr.logit.grad < 0).all()  # more bits, less noise
+
+
+def test_hard_concrete_gate_probabilities():
+    g = mx.UnitGates(4000, 0.0)
+    z = g.z().detach()
+    p = float(g.p_keep()[0].detach())
+    assert abs(float((z > 0).float().mean()) - p) < 0.03
+    assert float((z == 0).float().mean()) > 0.05 and float((z == 1).float().mean()) > 0.05  # exact zeros and ones
+
+
+def test_row_lsq_is_exact_and_prunes():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    bits = torch.tensor([2, 3, 4, 8, 0, 5])
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[[1, 7]] = False
+    q = mx.RowLSQ(w, bits, keep)
+    y = q(w).detach()
+    assert (y[4] == 0).all() and (y[:, [1, 7]] == 0).all()
+    qp = q.qparams()
+    for r, b in enumerate(bits.tolist()):
+        if b:
+            codes = torch.round(y[r, keep] / qp.scale[r, 0, 0] + qp.zero[r, 0, 0])
+            assert codes.min() >= 0 and codes.max() <= 2 ** b - 1
+            assert len(codes.unique()) <= 2 ** b
+
+
+# ------------------------------------------------------------------------------------------ storage
+def test_pack_roundtrip_and_size():
+    torch.manual_seed(0)
+    R, C = 12, 40
+    w = torch.randn(R, C)
+    bits = torch.tensor([0, 2, 3, 4, 5, 6, 8, 2, 3, 0, 4, 8])
+    keep = torch.rand(C) > 0.2
+    q = mx.RowLSQ(w, bits, keep)
+    y, qp = q(w).detach(), q.qparams()
+    choices = [0, 2, 3, 4, 5, 6, 8]
+    packed = mx.pack_mixed(y, qp, bits, keep, choices)
+    w2, qp2, bits2, keep2 = mx.unpack_mixed(packed, (R, C), choices, True)
+    assert torch.equal(w2, y) and torch.equal(bits2.long(), bits) and torch.equal(keep2, keep)
+    nbytes = sum(t.numel() * t.element_size() for t in packed.values())
+    exact = mx.mixed_storage_bits(bits, keep, (R, C), mx.index_bits(choices))["total"]
+    assert exact / 8 <= nbytes <= exact / 8 + len(packed)  # up to one byte of padding per packed tensor
+
+
+def test_repair_meets_budget_and_spends_bits_by_sensitivity():
+    """The integer repair lands at (or just under) the budget; rows whose Fisher is 0 lose their bits first."""
+    model = tiny_model()
+    cfg = QuantConfig(weight=SPEC, method="rtn")
+    from lowbit.qmodules import replace_modules
+    from lowbit.quantize import block_linear_filter
+
+    replace_modules(model, lambda m, n: QuantLinear.from_linear(m, SPEC), block_linear_filter(model))
+    opts = mx.settings(QuantConfig(weight=SPEC, extra={"mixed_target_bits": 4.0, "mixed_prune": False}))
+    learners = mx.attach_noise(model, opts)
+    for i, lr in enumerate(learners.values()):
+        lr.fisher.fill_(1.0)
+        if i % 2 == 0:
+            lr.fisher[: lr.fisher.numel() // 2] = 0.0  # half the rows do not matter
+    plan = mx.integer_bits(model, learners, opts)
+    total = plan.pop("_total")
+    assert 3.9 <= total["bits_per_param"] <= 4.0
+    for i, (name, p) in enumerate(plan.items()):
+        if i % 2 == 0:
+            half = p["bits"].numel() // 2
+            assert p["bits"][:half].float().mean() < p["bits"][half:].float().mean()
+            assert int(p["bits"][:half].max()) == 2  # the lowest width
+
+
+# ------------------------------------------------------------------------------------------- method
+def test_method_meets_budget_exactly_and_reloads(tmp_path):
+    from lowbit.export import load_quantized, save_quantized
+
+    model = _run(3.0)
+    rep = size_report(model)
+    assert rep["blocks_bits_per_param"] <= 3.0 + 1e-9
+    assert rep["blocks_bits_per_param"] > 2.9
+    assert abs(rep["blocks_bits_per_param"] - model.mixed_report["integer"]["bits_per_param"]) < 1e-9
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.frozen and m.w_bits is not None and not hasattr(m, "learner") for m in lins)
+    assert len({int(b) for m in lins for b in m.w_bits.unique()}) > 1  # really mixed
+    ids = _ids(2, 16, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+
+    class Tok:  # no tokenizer needed for the round trip
+        pass
+
+    save_quantized(model, tmp_path, None, float_dtype=torch.float32)
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    import lowbit.export as ex
+
+    orig = ex.load_tokenizer
+    ex.load_tokenizer = lambda p: None
+    try:
+        loaded, _ = load_quantized(tmp_path)
+    finally:
+        ex.load_tokenizer = orig
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+    # the file holds the reported bits (+ padding, header and the fp32 float tensors of this test)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        qbytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                     if any(s in k for s in (".bitmap", ".col_keep", "_b")))
+    lin_bits = sum(mx.mixed_storage_bits(m.w_bits, m.w_col_keep, tuple(m.weight.shape),
+                                         mx.index_bits(m.w_bit_choices))["total"] for m in lins)
+    assert lin_bits / 8 <= qbytes <= lin_bits / 8 + 64 * len(lins)
+
+
+def test_checkpoint_rerun_gives_the_same_model(tmp_path):
+    """A second run on a finished checkpoint folder loads both phases and reproduces the model exactly."""
+    a = _run(3.0, dfqat_ckpt=str(tmp_path / "ck"))
+    assert (tmp_path / "ck" / "state.json").is_file() and (tmp_path / "ck" / "finetune" / "state.json").is_file()
+    b = _run(3.0, dfqat_ckpt=str(tmp_path / "ck"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = _run(3.0)  # and the same command without checkpoints gives the same model too
+    assert all(torch.equal(sa[k], c.state_dict()[k]) for k in sa)
+
+
+def test_pruning_happens_under_a_tight_budget():
+    model = _run(2.2, mixed_gate_lr=0.5, mixed_eta=1.0)
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    rep = size_report(model)
+    assert rep["blocks_bits_per_param"] <= 2.2 + 1e-9
+    pruned = sum(int((m.w_bits == 0).sum()) for m in lins)
+    assert pruned > 0
+    # coupling survives into the frozen model: pruned gate rows = pruned up rows = pruned down columns
+    for layer in model.model.layers:
+        g, u, d = layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+        assert torch.equal(g.w_bits == 0, u.w_bits == 0)
+        assert torch.equal(~d.w_col_keep, g.w_bits == 0)
+        assert (d.weight[:, ~d.w_col_keep] == 0).all()
+
+
+def test_no_pruning_option_keeps_every_row():
+    model = _run(3.0, mixed_prune=False)
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(int(m.w_bits.min()) >= 2 and m.w_col_keep is None for m in lins)
+
+
+def test_part_ranges_are_respected():
+    model = _run(4.0, mixed_attn_range="5-8", mixed_prune=False)
+    for layer in model.model.layers:
+        for m in (layer.self_attn.q_proj, layer.self_attn.o_proj):
+            assert int(m.w_bits.min()) >= 5
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ({}, "needs a size budget"),
+    ({"mixed_target_bits": 0.1}, "target-bits"),
+    ({"mixed_target_bits": 3.0, "mixed_range": "9-2"}, "mixed_range"),
+    ({"mixed_target_bits": 3.0, "mixed_choices": "a,b"}, "mixed_choices"),
+    ({"mixed_target_bits": 3.0, "mixed_bogus": 1}, "unknown mixed setting"),
+])
+def test_bad_settings(extra, msg):
+    with pytest.raises(ValueError, match=msg):
+        mx.settings(QuantConfig(weight=SPEC, method="mixed", extra=extra))
+
+
+def test_unreachable_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="below what the lowest width"):
+        _run(1.5, mixed_prune=False)
+
+
+def test_group_granularity_is_refused():
+    with pytest.raises(ValueError, match="per-channel"):
+        quantize_model(tiny_model(), QuantConfig(weight=parse_spec("int4", "g32"), method="mixed",
+                                                 extra=dict(TINY, mixed_target_bits=3.0)), calib=_ids(),
+                       progress=False)
+
+
+@needs_shared
+def test_cli_mixed_stories260k(tmp_path):
+    import json
+
+    from lowbit.cli import main
+
+    out, js, info = tmp_path / "m", tmp_path / "q.json", tmp_path / "i.json"
+    rc = main(["-q", "quantize", "stories260k", "--method", "mixed", "--target-bits", "3.0", "--nsamples", "4",
+               "--calib-seqlen", "32", "--opt", "dfqat_tile_steps=3", "--opt", "dfqat_e2e_steps=3",
+               "--opt", "mixed_noise_tile_steps=3", "--opt", "mixed_noise_e2e_steps=2",
+               "--opt", "mixed_fisher_batches=1", "--out", str(out), "--json", str(js)])
+    assert rc == 0
+    rec = json.loads(js.read_text())
+    assert rec["bits"]["blocks_bits_per_param"] <= 3.0
+    assert rec["calibration"]["source"] == "self"
+    assert "bit_map" in rec["mixed_report"]
+    assert main(["-q", "info", str(out), "--json", str(info)]) == 0
+    assert json.loads(info.read_text())["blocks_bits"] == rec["bits"]["blocks_bits"]  # the reloaded map
+
+
+@needs_shared
+def test_cli_target_bits_needs_mixed(capsys):
+    from lowbit.cli import main
+
+    assert main(["quantize", "stories260k", "--target-bits", "3"]) == 2
+    assert "--method mixed" in capsys.readouterr().err
+    assert main(["quantize", "stories260k", "--method", "mixed", "--nsamples", "2", "--calib-seqlen", "16"]) == 2
+    assert "--target-bits" in capsys.readouterr().err
