@@ -40,6 +40,7 @@ class Setting:
     full: bool = False  # always the full split (else --windows, unless --full-split)
     extra: dict = field(default_factory=dict)  # method settings (cfg.extra)
     kv: dict | None = None  # parse_spec kwargs of the KV cache (outputs of the key/value projections)
+    calib: str | None = None  # this row's calibration / training source (None: the run's --calib)
 
 
 W = lambda fmt, g=None, sym=False, **kw: dict(fmt=fmt, granularity=g, symmetric=sym, **kw)  # noqa: E731
@@ -190,12 +191,43 @@ GRIDS["dfqat-cost-stories260k"] = [Setting("fp", full=True)] + [row for suffix, 
     _dfq(f"dfqat-v1-{suffix}", w, **DFQAT_V1))]
 
 
+# SmolLM2 rows of issues 4 and 5 (for a GPU machine: run with --calib self --nsamples 128 --calib-seqlen 2048;
+# GPTQ rows take C4 calibration through their own `calib`). The dfqat learning rates were tuned on stories260K
+# only: measure one W3 g128 row first and lower them (--opt-like `extra`) if the tile losses do not fall.
+_SMOL_W = [("w4-g128", W("int4", "g128"), False), ("w3-g128", W("int3", "g128"), True),
+           ("w3-channel", W("int3", "channel"), False), ("w2-g64", W("int2", "g64"), True)]
+GRIDS["dfqat-smollm2"] = [Setting("fp", full=True)] + [row for suffix, w, full in _SMOL_W for row in (
+    Setting(f"rtn-{suffix}", "rtn", w, full=full),
+    Setting(f"gptq-c4-{suffix}", "gptq", w, full=full, calib="c4"),
+    Setting(f"dfqat-tiled-{suffix}", "dfqat", w, full=full, extra={"dfqat_e2e_steps": 0}),
+    Setting(f"dfqat-e2e-{suffix}", "dfqat", w, full=full, extra={"dfqat_tile_steps": 0, "dfqat_e2e_steps": 250}),
+    Setting(f"dfqat-{suffix}", "dfqat", w, full=full))]
+GRIDS["mixed-smollm2"] = [
+    Setting("fp", full=True),
+    *[Setting(f"mixed-{t}", "mixed", W("int8", "channel"), full=True, extra={"mixed_target_bits": t})
+      for t in (2.5, 3.0, 4.0)],
+    *[row for b in (2, 3, 4) for row in (
+        Setting(f"rtn-w{b}-channel", "rtn", W(f"int{b}", "channel"), full=b == 4),
+        Setting(f"gptq-c4-w{b}-channel", "gptq", W(f"int{b}", "channel"), full=b == 4, calib="c4"),
+        Setting(f"dfqat-w{b}-channel", "dfqat", W(f"int{b}", "channel"), full=b == 4))],
+]
+
+
 class Calibration:
     """Calibration batches, made once per run and shared by every data-hungry setting."""
 
     def __init__(self, source: str, n: int, seqlen: int | None, seed: int):
         self.source, self.n, self.seqlen, self.seed = source, n, seqlen, seed
         self._ids = None
+        self._others: dict[str, "Calibration"] = {}
+
+    def for_source(self, source: str | None) -> "Calibration":
+        """The same sizes from another source (a row's own ``calib``), made once per run."""
+        if source is None or source == self.source:
+            return self
+        if source not in self._others:
+            self._others[source] = Calibration(source, self.n, self.seqlen, self.seed)
+        return self._others[source]
 
     def get(self, model, tok, eval_seqlen: int) -> tuple[torch.Tensor, dict]:
         from lowbit.calib import calibration_batches
@@ -227,7 +259,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
                           method=s.method, seed=seed, extra=dict(s.extra), kv=parse_spec(**s.kv) if s.kv else None)
         ids = None
         if needs_calibration(s.method):
-            ids, calib_info = calib.get(model, tok, seqlen)
+            ids, calib_info = calib.for_source(s.calib).get(model, tok, seqlen)
             t0 = time.time()  # the calibration text is shared by all settings: not part of the method's time
         quantize_model(model, cfg, calib=ids, progress=True)
         if device.startswith("cuda"):

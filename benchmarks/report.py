@@ -351,6 +351,51 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str) -> list[str]:
     return out
 
 
+def _mixed_verdict(by: dict, dataset: str) -> str:
+    """The issue's goals and the same-size comparisons, stated from the records (nothing typed in by hand)."""
+    def ppl(r):
+        return r["metrics"][dataset]["ppl"]
+
+    def best(b: int):
+        rs = [by[f"{m}-w{b}-channel"] for m in ("rtn", "gptq", "dfqat") if f"{m}-w{b}-channel" in by]
+        return min(rs, key=ppl) if rs else None
+
+    def cmp(mixed_label: str, b: int, what: str) -> str | None:
+        m, u = by.get(mixed_label), best(b)
+        if m is None or u is None:
+            return None
+        if what.startswith("Goal"):
+            tag = "met" if ppl(m) <= ppl(u) else "not met"
+        else:  # a same-size comparison: within 0.5% is a tie
+            tag = ("tie (within 0.5%)" if abs(ppl(m) / ppl(u) - 1) < 0.005
+                   else ("mixed better" if ppl(m) < ppl(u) else "uniform better"))
+        return (f"{what}: mixed {m['bits']['blocks_bits_per_param']:.3f} bits/param {ppl(m):.2f} vs the best uniform "
+                f"int{b} per-channel row ({u['label']}, {u['bits']['blocks_bits_per_param']:.3f} bits/param) "
+                f"{ppl(u):.2f}: **{tag}**")
+
+    lines = [x for x in (cmp("mixed-3.0", 4, "Goal 1, mixed 3.0 at least as good as uniform 4-bit per-channel"),
+                         cmp("mixed-2.5", 3, "Goal 2, mixed 2.5 better than uniform 3-bit per-channel"),
+                         cmp("mixed-3.3-same-size", 3, "Same real size as int3 per-channel"),
+                         cmp("mixed-2.3-same-size", 2, "Same real size as int2 per-channel")) if x]
+    bm = (by.get("mixed-3.0", {}).get("mixed_report") or {}).get("bit_map")
+    if bm:
+        per = {}
+        for k, v in bm.items():
+            p = k.rsplit(".", 1)[-1]
+            a = per.setdefault(p, [0, 0, 0])
+            a[0] += v["bits"]
+            a[1] += v["params"]
+            a[2] += v["pruned_rows"]
+        order = sorted(per, key=lambda p: per[p][0] / per[p][1])
+        lines.append("Where mixed 3.0 put its bits, fewest first (stored bits per weight): "
+                     + ", ".join(f"{p} {per[p][0] / per[p][1]:.2f}" for p in order)
+                     + " (the parts at the front are the ones the training found over-parametrised)")
+    if "mixed-3.0" in by and "mixed-3.0-noprune" in by:
+        a, b = by["mixed-3.0"], by["mixed-3.0-noprune"]
+        lines.append(f"Pruning allowed vs not, at 3.0: {ppl(a):.2f} vs {ppl(b):.2f}")
+    return "Verdict (generated from the rows above):\n\n" + "\n".join(f"- {x}." for x in lines) if lines else ""
+
+
 def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories260k", dataset: str = "tinystories") -> str:
     """Issue 5: mixed precision vs uniform per-channel settings, where the bits went (table + PNGs)."""
     import sys
@@ -399,6 +444,8 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
         table2 = ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
                   "pruned rows / columns):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1)
                   + "\n" + "\n".join(parts))
+    verdict = _mixed_verdict(by, dataset)
+    table2 += ("\n\n" + verdict) if verdict else ""
     pngs = _mixed_plots(rows, RES / folder, dataset)
     figs = "\n\n" + "\n".join(f"![{p}](results/{folder}/{p})" for p in pngs) if pngs else ""
     missing = [lab for lab in labels if lab not in by]
