@@ -233,6 +233,20 @@ def _param_groups(root: nn.Module, lr: float, q_lr: float) -> list[dict]:
             if id(p) not in seen:
                 seen.add(id(p))
                 qps.append(p)
+    from .qmodules import QuantEmbedding
+
+    for m in root.modules():  # an embedding table with a learner (lowbit.mixed's learned widths): its bits
+        learner = getattr(m, "learner", None) if isinstance(m, QuantEmbedding) and not m.frozen else None
+        if learner is not None and hasattr(learner, "lr_groups"):
+            for params, mult in learner.lr_groups():
+                fresh = [p for p in params if id(p) not in seen]
+                seen.update(id(p) for p in fresh)
+                if fresh:
+                    extra.append({"params": fresh, "lr": q_lr * mult})
+        elif learner is not None:
+            fresh = [p for p in learner.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in fresh)
+            qps.extend(fresh)
     return (([{"params": weights, "lr": lr}] if weights else []) + ([{"params": qps, "lr": q_lr}] if qps else [])
             + extra)
 
@@ -491,8 +505,11 @@ def _model_tensors(model: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
     """Every QuantLinear's weight, frozen qparams and learner state; and the names of the frozen ones."""
     out: dict[str, Tensor] = {}
     frozen = []
+    from .qmodules import QuantEmbedding
+
     for name, m in model.named_modules():
-        if not isinstance(m, QuantLinear):
+        if not isinstance(m, QuantLinear) and not (isinstance(m, QuantEmbedding)
+                                                   and getattr(m, "learner", None) is not None):
             continue
         out[f"{name}.weight"] = m.weight
         for f in ("w_scale", "w_zero", "w_super_scale", "w_super_min"):
@@ -522,8 +539,10 @@ def _load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], frozen: li
             name, _, rest = key.rpartition(".")
         per.setdefault(name, {})[rest] = t
     for name, parts in per.items():
+        from .qmodules import QuantEmbedding
+
         m = mods.get(name)
-        if not isinstance(m, QuantLinear):
+        if not isinstance(m, (QuantLinear, QuantEmbedding)):
             raise ValueError(f"dfqat checkpoint: {name} is not a quantized Linear of this model")
         if name in frozen:
             if getattr(m, "learner", None) is not None:

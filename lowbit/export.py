@@ -154,8 +154,11 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
             continue
         src = entry.get("tied_to", name)
         shape = tuple(entry["shape"])
-        if "mixed" in entry:  # per-row mixed precision (lowbit.mixed)
+        mixed_entry = meta["modules"].get(src, entry)
+        if "mixed" in mixed_entry:  # per-row mixed precision (lowbit.mixed); a tied head reads its source's
             from .mixed import unpack_mixed
+
+            entry = mixed_entry
 
             sub = {k[len(src) + 1:]: v for k, v in tensors.items() if k.startswith(src + ".")}
             try:

@@ -48,7 +48,10 @@ parameter of the decoder blocks, metadata and norms included), ``mixed_choices``
 allows pruning), ``mixed_range`` (``lo-hi`` of the continuous bits), ``mixed_attn_range`` /
 ``mixed_ffn_range`` (per-part ranges), ``mixed_init_bits`` (start, default target + 2), ``mixed_prune``,
 ``mixed_bits_lr``, ``mixed_gate_lr``, ``mixed_eta`` (dual step), ``mixed_anneal``, ``mixed_fisher_batches``,
-``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps``. Both phases use the other ``dfqat_*`` settings (tile
+``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps``, ``mixed_keep_noise_weights`` (fine-tune from the noise
+phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_embed_range`` (widths per
+vocabulary row of the token-embedding table under its own budget, learned in the end-to-end stages only, a
+tied head sharing them; rows are never pruned). Both phases use the other ``dfqat_*`` settings (tile
 size, batch, learning rates, data, checkpoints: the fine-tune's go to ``<dfqat_ckpt>/finetune``).
 """
 from __future__ import annotations
@@ -94,6 +97,8 @@ DEFAULTS = {
     "mixed_noise_tile_steps": 100,  # noise phase: steps per tile (0: no tiled noise stage)
     "mixed_noise_e2e_steps": 50,  # noise phase: end-to-end steps (0: off)
     "mixed_keep_noise_weights": False,  # fine-tune from the noise phase's weights (default: from the float ones)
+    "mixed_embed_target": None,  # bits/param of the token-embedding table (tied head included): learned widths
+    "mixed_embed_range": "2-8",  # continuous bits range of the embedding rows
 }
 
 
@@ -138,6 +143,10 @@ def settings(cfg: QuantConfig) -> dict:
     o["part_range"] = {"attention": _range(o["mixed_attn_range"], "mixed_attn_range") if o["mixed_attn_range"]
                        else o["range"],
                        "ffn": _range(o["mixed_ffn_range"], "mixed_ffn_range") if o["mixed_ffn_range"] else o["range"]}
+    e = o["mixed_embed_target"]
+    if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or not 1 <= e <= 16):
+        raise ValueError(f"mixed_embed_target must be bits per parameter in [1, 16], got {e!r}")
+    o["embed_range"] = _range(o["mixed_embed_range"], "mixed_embed_range")
     init = o["mixed_init_bits"] if o["mixed_init_bits"] is not None else float(t) + 2
     o["init_bits"] = float(init)
     for k in ("mixed_bits_lr", "mixed_gate_lr", "mixed_eta"):
@@ -525,6 +534,49 @@ def attach_noise(model: nn.Module, opts: dict) -> dict[str, NoisyRows]:
     return learners
 
 
+def attach_embedding(model: nn.Module, opts: dict) -> tuple[str, NoisyRows] | None:
+    """With ``mixed_embed_target``: the token embedding becomes a live ``QuantEmbedding`` with a per-row
+    (vocabulary row) :class:`NoisyRows` learner, no pruning; a tied head is a ``QuantLinear`` sharing the weight
+    and the learner. Returns ``(embedding name, learner)``."""
+    if opts["mixed_embed_target"] is None:
+        return None
+    from .models import get_module, set_module, tied_embeddings
+    from .qmodules import QuantEmbedding
+
+    arch = arch_of(model)
+    emb = QuantEmbedding.from_embedding(get_module(model, arch.embed), CONTAINER)
+    set_module(model, arch.embed, emb)
+    lo, hi = opts["embed_range"]
+    init = min(max(float(opts["mixed_embed_target"]) + 2, lo), hi)
+    emb.learner = NoisyRows(emb.weight.detach(), lo, hi, init)
+    if tied_embeddings(model):
+        head = QuantLinear.from_linear(get_module(model, arch.head), CONTAINER)
+        head.learner = emb.learner
+        set_module(model, arch.head, head)
+    return arch.embed, emb.learner
+
+
+class EmbedBudget:
+    """The embedding table's own Lagrangian term (end-to-end stages only: the tiles do not see it)."""
+
+    def __init__(self, emb: nn.Module, opts: dict, idx_bits: int):
+        self.emb, self.opts, self.idx_bits, self.lam = emb, opts, idx_bits, 0.0
+        self.history: list[dict] = []
+
+    def bits_per_param(self) -> Tensor:
+        w = self.emb.weight
+        return self.emb.learner.expected_bits(tuple(w.shape), self.idx_bits) / w.numel()
+
+    def __call__(self, step: int, steps: int) -> Tensor:
+        B = self.bits_per_param()
+        target = float(self.opts["mixed_embed_target"])
+        excess = float(B.detach()) - target
+        self.lam = max(0.0, self.lam + self.opts["mixed_eta"] * excess)
+        if step % 10 == 0 or step + 1 == steps:
+            self.history.append({"step": step, "bits": float(B.detach()), "lambda": self.lam})
+        return self.lam * (B - target)
+
+
 def _levels(allowed: list[int], lo: float, hi: float) -> list[int]:
     """The allowed widths a row with the continuous range ``[lo, hi]`` may round to."""
     return [c for c in allowed if lo - 0.5 <= c <= hi + 0.5] or allowed
@@ -535,9 +587,12 @@ def _nearest(b: float, allowed: list[int]) -> int:
 
 
 @torch.no_grad()
-def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict) -> dict[str, dict]:
+def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *,
+                 pool: tuple[float, int, int] | None = None) -> dict[str, dict]:
     """Round the learned widths (pruning units with ``P(keep) <= 0.5``) and repair to the exact budget with the
-    greedy sensitivity rule of the module docstring. Returns ``{name: {"bits", "col_keep"}}``."""
+    greedy sensitivity rule of the module docstring. Returns ``{name: {"bits", "col_keep"}}``. ``pool``:
+    ``(target bits/param, parameters, fixed bits)`` of another budget than the decoder blocks' (the embedding
+    table's)."""
     mods = dict(model.named_modules())
     allowed = [c for c in opts["choices"] if c > 0]
     ib = index_bits(opts["choices"])
@@ -554,14 +609,18 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict) -
         state[name] = {"bits": bits, "col_keep": col_keep, "range": (w.amax(1) - w.amin(1)).clamp_min(1e-8), "ib": ib,
                        "fisher": lr.fisher.detach().float().cpu(), "shape": (R, C), "lo": lr.lo, "hi": lr.hi}
     # the budget: bits of every block parameter (mixed Linears exactly, the rest at 16) over their count
-    params = fixed = 0
-    mixed_ids = {id(mods[n].weight) for n in learners}
-    for b in blocks_of(model):
-        for p in _model_params(b):
-            params += p.numel()
-            if id(p) not in mixed_ids:
-                fixed += 16 * p.numel()
-    budget = opts["mixed_target_bits"] * params
+    if pool is None:
+        params = fixed = 0
+        mixed_ids = {id(mods[n].weight) for n in learners}
+        for b in blocks_of(model):
+            for p in _model_params(b):
+                params += p.numel()
+                if id(p) not in mixed_ids:
+                    fixed += 16 * p.numel()
+        target = opts["mixed_target_bits"]
+    else:
+        target, params, fixed = pool
+    budget = target * params
 
     def size(st) -> int:
         return mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], ib)["total"]
@@ -620,7 +679,7 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict) -
         if total > budget and opts["mixed_prune"]:  # still over: prune whole units, least likely kept first
             total = _prune_units(state, learners, total, budget)
         if total > budget:
-            raise ValueError(f"--target-bits {opts['mixed_target_bits']} is below what the lowest width "
+            raise ValueError(f"a budget of {target} bits/param is below what the lowest width "
                              f"({min(allowed)} bits) and the metadata can reach ({total / params:.3f}); raise it "
                              "or allow pruning (mixed_choices with 0)")
     heap = []
@@ -753,8 +812,11 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     try:
         teacher = D.float_teacher(model)
         learners = attach_noise(model, opts)
+        embed = attach_embedding(model, opts)
+        emb_choices = [c for c in opts["choices"] if c > 0]
         mods = dict(model.named_modules())
-        float_w = {n: mods[n].weight.detach().clone() for n in learners}
+        float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *([embed[0]] if embed else [])]}
+        ebudget = EmbedBudget(mods[embed[0]], opts, index_bits(emb_choices)) if embed else None
         budget = Budget(model, opts, ib)
         key = D._run_key(cfg, teacher, ids) if dopts["dfqat_ckpt"] else ""
         ck = D._Checkpoint(dopts["dfqat_ckpt"], key)
@@ -763,7 +825,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         torch.manual_seed(cfg.seed)
 
         def set_mults(q_lr: float) -> None:
-            for lr in learners.values():
+            for lr in [*learners.values(), *([embed[1]] if embed else [])]:
                 lr.mults = (opts["mixed_bits_lr"] / q_lr, opts["mixed_gate_lr"] / q_lr)
 
         nopts = dict(dopts, dfqat_tile_steps=opts["mixed_noise_tile_steps"],
@@ -776,12 +838,14 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         e2e = None
         if nopts["dfqat_e2e_steps"] > 0:
             set_mults(nopts["dfqat_e2e_q_lr"])
-            e2e = D._e2e_stage(model, teacher, ids, data, nopts, cfg.seed, ck, progress, penalty=budget,
+            pen = budget if ebudget is None else (lambda root, step, steps: budget(root, step, steps)
+                                                  + ebudget(step, steps))
+            e2e = D._e2e_stage(model, teacher, ids, data, nopts, cfg.seed, ck, progress, penalty=pen,
                                label="mixed-noise")
         report["noise"] = {"tiles": tiles, "e2e": e2e, "budget": budget.history,
                            "expected_bits": float(budget.bits_per_param(list(range(len(budget.blocks)))))}
         torch.manual_seed(cfg.seed + 1)  # the same noise as the uninterrupted run (a resumed one reaches here too)
-        _fisher_pass(model, teacher, ids, learners, opts, dopts, cfg.seed)
+        _fisher_pass(model, teacher, ids, learners | ({embed[0]: embed[1]} if embed else {}), opts, dopts, cfg.seed)
         for g in (m for m in model.modules() if isinstance(m, UnitGates)):
             g.stochastic = False
         if not opts["mixed_keep_noise_weights"]:  # the noise phase only chose the widths
@@ -791,9 +855,19 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         del float_w
         plan = integer_bits(model, learners, opts)
         report["integer"] = plan.pop("_total")
+        if embed:
+            eopts = dict(opts, choices=emb_choices, mixed_prune=False)
+            eplan = integer_bits(model, {embed[0]: embed[1]}, eopts,
+                                 pool=(float(opts["mixed_embed_target"]), mods[embed[0]].weight.numel(), 0))
+            report["integer_embed"] = eplan.pop("_total")
+            report["noise"]["embed_budget"] = ebudget.history
+            plan |= eplan
         for name, p in plan.items():
             m = mods[name]
             m.learner = RowLSQ(m.weight.detach(), p["bits"], p["col_keep"])
+        head = _tied_head(model) if embed else None
+        if head is not None:
+            head.learner = mods[embed[0]].learner  # the tied head uses the embedding's quantizer
         # the widths are fixed: straight-through QAT on the exact grid, the dfqat stages (tiles, end to end)
         fck = D._Checkpoint(f"{dopts['dfqat_ckpt']}/finetune" if dopts["dfqat_ckpt"] else None, key + ":ft")
         if fck.load():
@@ -811,7 +885,14 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             if not D._finite([m.weight, *learner.parameters()]):
                 raise ValueError("mixed: non-finite weights at the end of training; nothing was frozen")
             del m.learner
-            freeze_mixed(m, learner, opts["choices"])
+            freeze_mixed(m, learner, emb_choices if embed and name == embed[0] else opts["choices"])
+        if head is not None:  # the same tensor, the same grid and width map
+            emb_m = mods[embed[0]]
+            del head.learner
+            head.w_spec = CONTAINER
+            head.set_qparams(emb_m.qparams)
+            head.w_bits, head.w_col_keep, head.w_bit_choices = emb_m.w_bits, None, emb_m.w_bit_choices
+            head.frozen = True
     finally:
         for m in model.modules():
             if isinstance(m, QuantLinear) and getattr(m, "learner", None) is not None and not m.frozen:
@@ -827,11 +908,29 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     log.info("mixed: %.3f bits/param (blocks) in %.1fs", report["integer"]["bits_per_param"], report["seconds"])
 
 
+def _tied_head(model: nn.Module) -> QuantLinear | None:
+    from .models import get_module, tied_embeddings
+
+    arch = arch_of(model)
+    head = get_module(model, arch.head)
+    return head if tied_embeddings(model) and isinstance(head, QuantLinear) else None
+
+
 def bit_map_summary(model: nn.Module) -> dict:
     """Where the bits went: per layer and part (q/k/v/o, gate/up/down) the mean width of kept rows, pruned
     rows and columns, stored bits and parameters."""
+    from .models import get_module
+
     arch = arch_of(model)
     out = {}
+    emb = get_module(model, arch.embed)
+    if getattr(emb, "w_bits", None) is not None:
+        b = emb.w_bits.long().cpu()
+        st = mixed_storage_bits(b, None, tuple(emb.weight.shape), index_bits(emb.w_bit_choices))
+        out["embed"] = {"part": "embeddings", "rows": int(b.numel()), "pruned_rows": 0, "pruned_cols": 0,
+                        "mean_bits_kept": float(b.float().mean()),
+                        "hist": {int(k): int((b == k).sum()) for k in b.unique()},
+                        "bits": st["total"], "params": int(emb.weight.numel())}
     for bi, block in enumerate(blocks_of(model)):
         for rel, m in block.named_modules():
             if isinstance(m, QuantLinear) and getattr(m, "w_bits", None) is not None:

@@ -41,6 +41,11 @@ class _QuantWeightMixin:
         self.frozen = False
         for f in _QP_FIELDS:
             self.register_buffer(f"w_{f}", None)
+        # per-row mixed precision (lowbit.mixed): width per row (uint8, 0 = pruned row), kept input columns
+        # (bool, None = all) and the allowed widths; ``weight`` holds the dequantized values, zeros where pruned
+        self.register_buffer("w_bits", None)
+        self.register_buffer("w_col_keep", None)
+        self.w_bit_choices: list[int] | None = None
 
     @property
     def qparams(self) -> QParams | None:
@@ -87,11 +92,6 @@ class QuantLinear(_QuantWeightMixin, nn.Linear):
         # SpQR's sparse part (lowbit.spqr): int32 flat indices and fp16 values of weights kept in 16 bits
         self.register_buffer("w_outlier_idx", None)
         self.register_buffer("w_outlier_val", None)
-        # per-row mixed precision (lowbit.mixed): width per row (uint8, 0 = pruned row), kept input columns
-        # (bool, None = all) and the allowed widths; ``weight`` holds the dequantized values, zeros where pruned
-        self.register_buffer("w_bits", None)
-        self.register_buffer("w_col_keep", None)
-        self.w_bit_choices: list[int] | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, w_spec: QuantSpec, a_spec: QuantSpec | None = None,

@@ -45,7 +45,7 @@ def size_report(model: nn.Module, float_bits: int = 16) -> dict:
         part = _part(name, arch)
         n = p.numel()
         spec = getattr(mod, "w_spec", None) if pname == "weight" else None
-        if isinstance(mod, QuantLinear) and pname == "weight" and getattr(mod, "w_bits", None) is not None:
+        if isinstance(mod, (QuantLinear, QuantEmbedding)) and pname == "weight" and getattr(mod, "w_bits", None) is not None:
             from .mixed import index_bits, mixed_storage_bits  # per-row widths (lowbit.mixed)
 
             bits = mixed_storage_bits(mod.w_bits, mod.w_col_keep, tuple(p.shape), index_bits(mod.w_bit_choices))["total"]

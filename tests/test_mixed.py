@@ -309,3 +309,45 @@ def test_cli_target_bits_needs_mixed(capsys):
     assert "--method mixed" in capsys.readouterr().err
     assert main(["quantize", "stories260k", "--method", "mixed", "--nsamples", "2", "--calib-seqlen", "16"]) == 2
     assert "--target-bits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_rows_get_learned_widths_within_their_own_budget(tmp_path, tied):
+    """``mixed_embed_target``: the vocabulary rows get widths under the table's own budget; a tied head shares
+    the tensor, the grid and the map; save/load is exact."""
+    from lowbit.export import load_quantized, save_quantized
+    from lowbit.models import tied_embeddings
+
+    model = tiny_model()
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
+    assert tied_embeddings(model) == tied
+    model = _run(3.0, model=model, mixed_embed_target=4.0, mixed_prune=False)
+    emb = model.model.embed_tokens
+    assert emb.frozen and emb.w_bits is not None and int(emb.w_bits.min()) >= 2
+    rep = size_report(model)
+    assert 3.9 < rep["parts"]["embeddings"]["bits_per_param"] <= 4.0
+    assert rep["blocks_bits_per_param"] <= 3.0
+    assert model.mixed_report["integer_embed"]["bits_per_param"] == pytest.approx(
+        rep["parts"]["embeddings"]["bits_per_param"])
+    if tied:
+        assert model.lm_head.weight is emb.weight and torch.equal(model.lm_head.w_bits, emb.w_bits)
+    else:
+        assert not isinstance(model.lm_head, QuantLinear)  # an untied head stays in float
+    ids = _ids(2, 16, seed=3)
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_quantized(model, tmp_path, None, float_dtype=torch.float32)
+    import lowbit.export as ex
+
+    orig = ex.load_tokenizer
+    ex.load_tokenizer = lambda p: None
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    try:
+        loaded, _ = load_quantized(tmp_path)
+    finally:
+        ex.load_tokenizer = orig
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert size_report(loaded)["model_bits"] == rep["model_bits"]
