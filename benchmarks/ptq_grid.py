@@ -156,7 +156,7 @@ KV_SUFFIXES = ["w4a8kv4-head", "w4a8kv4", "w4a8", "kv4-head", "kv4", "kv8"]  # l
 # issue 4, data-free QAT ablations on stories260K: int3 g32 (the main setting) and int2 g32 (token counts, defaults),
 # one folder per command under results/dfqat_ablations_stories260k/ (benchmarks/report.py lists the commands).
 # Settings a row does not name are lowbit.dfqat.DEFAULTS; DFQAT_V1 = the defaults before the cost tuning.
-DFQAT_V1 = {"dfqat_tile_steps": 250, "dfqat_e2e_steps": 100}
+DFQAT_V1 = {"dfqat_tile_steps": 250, "dfqat_e2e_steps": 100, "dfqat_lr": 3e-4, "dfqat_q_lr": 1e-4}
 DFQAT_TOKENS = (8, 32, 128, 512)  # self-generated sequences of 256 tokens (run with --nsamples 512)
 _S260_G32 = [("w3-g32", W("int3", "g32")), ("w2-g32", W("int2", "g32"))]
 

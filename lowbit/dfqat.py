@@ -74,21 +74,28 @@ checkpoints and shows progress bars; all resume from the same checkpoint.
 A summary (per tile and end to end: losses per step, relative error before/after, seconds, steps, learning
 rates, retries) is left in ``model.dfqat_report``.
 
-**Measured** on stories260K (CPU, 1 thread; 128 x 256 self-generated ids; defaults: 2 tiles x 250 steps + 100
-end-to-end steps, ~1.5 min): TinyStories held-out perplexity (all 293 windows of 512) int3 g32: float 4.27,
-RTN 7.54, GPTQ on real text 5.98, dfqat 5.00; int2 g32: RTN 363, dfqat 9.80. Tiles trained towards the float
-chain (``fp``) beat plain local reconstruction (``quant``): int3 5.07 vs 5.15, int2 15.1 vs 16.4 (tiled
-stage only, L2 loss); training on real TinyStories text instead gives 4.93 (int3) and 8.98 (int2).
+**Measured** on stories260K (CPU, 1 thread; 128 x 256 self-generated ids; BENCHMARKS.md, "data-free QAT
+ablations"): TinyStories held-out perplexity (all 293 windows of 512) int3 g32: float 4.27, RTN 7.54, GPTQ on the
+same generated text 5.99, dfqat 5.04; int2 g32: RTN 363, GPTQ 115, dfqat 9.74; dfqat took 1.8-2.7x GPTQ's wall
+time in the same run (25-50 s; two runs). The defaults were cut from v1 (2 tiles x 250 steps at ``dfqat_lr``
+3e-4 and ``dfqat_q_lr`` 1e-4, then 100 end-to-end steps; ``--opt dfqat_tile_steps=250 --opt dfqat_e2e_steps=100
+--opt dfqat_lr=3e-4 --opt dfqat_q_lr=1e-4``: 5.00 and 9.80 at 2.9-5.3x GPTQ's time) to 75 + 75 steps with higher
+tiled-stage learning rates, chosen on TinyStories *training*-text perplexity (int3 and int2). Ablations (int3
+unless said): 128 generated sequences are enough at this budget (8 / 32 / 128 / 512 sequences: 5.51 / 5.17 /
+5.04 / 5.02, int2 14.5 / 11.2 / 9.74 / 9.81); training tiles alone, tiles of 3 blocks beat one whole-model tile
+(5.23 vs 5.33), and with the end-to-end stage they beat 1-block tiles (5.04 vs 5.13); L1 vs L2 and ``fp`` vs
+``quant`` tile targets differ by under 1% here, except L2 over L1 with ``quant`` targets and the end-to-end stage
+(5.01 vs 5.07), one seed each; real TinyStories text instead of generated text gives 4.92 (int3) and 9.05 (int2).
 
 Settings (``cfg.extra``, ``--opt KEY=VALUE``; defaults in :data:`DEFAULTS`, tuned on stories260K by the
 perplexity of TinyStories *training* text, never the held-out text). The learning rates are absolute AdamW
 steps, tuned for stories260K's weights and scales: a model with smaller weights (or a bigger one, where
 LLM-QAT and EfficientQAT use 1e-5 to 2e-5) needs smaller rates.
 
-* ``dfqat_tile`` (3), ``dfqat_tile_steps`` (250; 0 = no tiled stage), ``dfqat_batch`` (4 sequences),
-  ``dfqat_lr`` (3e-4, weights), ``dfqat_q_lr`` (1e-4, quantizer), ``dfqat_quantizer`` (lsq),
+* ``dfqat_tile`` (3), ``dfqat_tile_steps`` (75; 0 = no tiled stage; first defaults: 250), ``dfqat_batch``
+  (4 sequences), ``dfqat_lr`` (1e-3, weights; first: 3e-4), ``dfqat_q_lr`` (1e-3, quantizer; first: 1e-4), ``dfqat_quantizer`` (lsq),
   ``dfqat_tile_loss`` (l1 | l2), ``dfqat_tile_input`` (fp | quant);
-* ``dfqat_e2e_steps`` (100; 0 = off), ``dfqat_e2e_batch`` (= dfqat_batch), ``dfqat_e2e_lr`` (3e-4),
+* ``dfqat_e2e_steps`` (75; 0 = off; first: 100), ``dfqat_e2e_batch`` (= dfqat_batch), ``dfqat_e2e_lr`` (3e-4),
   ``dfqat_e2e_q_lr`` (1e-4), ``dfqat_kd`` (fkl | rkl | jsd), ``dfqat_kd_temp`` (1), ``dfqat_teacher``
   (model | topk), ``dfqat_clip`` (1.0);
 * ``dfqat_min_lr`` (0.05, end of the cosine schedule as a fraction), ``dfqat_samples`` (all),
@@ -130,14 +137,14 @@ SPIKE = 10.0  # a loss above SPIKE x that median counts as divergence
 
 DEFAULTS = {
     "dfqat_tile": 3,  # decoder blocks per tile
-    "dfqat_tile_steps": 250,  # optimisation steps per tile (0: no tiled stage)
+    "dfqat_tile_steps": 75,  # optimisation steps per tile (0: no tiled stage; v1: 250)
     "dfqat_batch": 4,  # sequences per step (tiled stage; end-to-end too unless dfqat_e2e_batch)
-    "dfqat_lr": 3e-4,  # tiled stage, Linear weights
-    "dfqat_q_lr": 1e-4,  # tiled stage, quantizer parameters
+    "dfqat_lr": 1e-3,  # tiled stage, Linear weights (v1: 3e-4)
+    "dfqat_q_lr": 1e-3,  # tiled stage, quantizer parameters (v1: 1e-4)
     "dfqat_quantizer": "lsq",  # lowbit.learnable kind: ste, lsq, lsq+, lwc, paretoq
     "dfqat_tile_loss": "l1",  # l1 (relative mean absolute error) or l2 (relative MSE)
     "dfqat_tile_input": "fp",  # inputs of the float tile that makes the target: fp (float chain) or quant
-    "dfqat_e2e_steps": 100,  # end-to-end distillation steps (0: off)
+    "dfqat_e2e_steps": 75,  # end-to-end distillation steps (0: off; v1: 100)
     "dfqat_e2e_batch": None,  # default: dfqat_batch
     "dfqat_e2e_lr": 3e-4,  # end-to-end, Linear weights
     "dfqat_e2e_q_lr": 1e-4,  # end-to-end, quantizer parameters

@@ -21,7 +21,10 @@ GEN = ["gen-data", "stories260k", "--n-sequences", "10", "--seq-len", "40", "--b
 QUANT = ["quantize", "stories260k", "--method", "dfqat", "--w-format", "int3", "--w-granularity", "g32",
          "--nsamples", "8", "--calib-seqlen", "48", "--device", "cpu", "--save-dtype", "float32",
          "--opt", "dfqat_tile_steps=4", "--opt", "dfqat_e2e_steps=3", "--opt", "dfqat_batch=4",
-         "--opt", "dfqat_e2e_batch=3", "--opt", "dfqat_save_every=2"]
+         "--opt", "dfqat_e2e_batch=3", "--opt", "dfqat_save_every=2",
+         # learning rates pinned (not the defaults): with much larger steps one LSQ code flipped by float
+         # rounding moves the next loss by more than the comparison's tolerance
+         "--opt", "dfqat_lr=3e-4", "--opt", "dfqat_q_lr=1e-4"]
 
 
 def _free_port() -> int:

@@ -177,6 +177,21 @@ def test_tinystories_eval_ids_one_bos_per_heldout_story():
     assert tok.decode(ids[starts[-2] + 1:].tolist()) == heldout[-1]
 
 
+@needs_shared
+def test_tinystories_train_eval_ids_are_training_stories_never_heldout():
+    """The tuning set: the first training stories, as many as the held-out set has, none of them held out."""
+    from lowbit.tokenizer import SPTokenizer
+
+    tok = SPTokenizer(STORIES / "tok512.model")
+    ids, held = eval_ids("tinystories-train", tok), eval_ids("tinystories", tok)
+    raw = (SHARED / "data" / "tinystories" / "tinystories_train_head_2MiB.txt").read_text(encoding="utf-8")
+    stories = [c.strip() for c in raw.split("<|endoftext|>")[:-1] if c.strip()]
+    assert (ids == 1).sum().item() == (held == 1).sum().item() == 232
+    starts = (ids == 1).nonzero()[:, 0].tolist() + [ids.numel()]
+    assert ids[:starts[1]].tolist() == tok.encode(stories[0], add_bos=True)
+    assert ids[starts[-2]:].tolist() == tok.encode(stories[231], add_bos=True)  # the 232nd story, far from the held-out
+
+
 def test_unknown_dataset_name():
     with pytest.raises(FileNotFoundError, match="wikitext2"):
         load_text("no-such-dataset")
