@@ -955,7 +955,9 @@ LLM-QAT quantizes them), either per token over all heads, symmetric (LLM-QAT), o
 stories260K's head width; `--kv-granularity head`), asymmetric. Activation and KV scales are dynamic (min-max
 of each token). RTN uses no data; GPTQ is calibrated on, and dfqat trained on, the same 128 x 256 ids the
 float model wrote itself (`--calib self`): no row uses real text. Embeddings and head stay in float; the
-KV cache does not change the stored weights, so its rows have the bits of the matching W4A8 row.
+KV cache does not change the stored weights, so its rows have the bits of the matching W4A8 row. The dfqat
+rows ran with dfqat's first defaults (250 steps per tile at 3e-4 / 1e-4, 100 end-to-end steps; commit in the
+provenance line), before the ablations changed them.
 
 ```
 OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid kv-stories260k --datasets tinystories --calib self --nsamples 128 --calib-seqlen 256 --device cpu --out results/kv_stories260k
