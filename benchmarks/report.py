@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))  # ptq_grid (the grids' row order), imported where needed
 PREFIX = 40  # windows: the fixed prefix every SmolLM2 row is compared on
 
 
@@ -17,6 +19,14 @@ def _load(folder: Path) -> list[dict]:
     if not folder.is_dir():
         return []
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.endswith(".partial.json")]
+
+
+def _grid_rows(folder: str, grid: str) -> tuple[list[dict], dict[str, dict], list[str]]:
+    """The records of ``results/<folder>``, the same by label, and the grid's labels in its order."""
+    from ptq_grid import GRIDS
+
+    rows = _load(RES / folder)
+    return rows, {r["label"]: r for r in rows}, [s.label for s in GRIDS[grid]]
 
 
 def _ppl_prefix(m: dict, n: int) -> float | None:
@@ -125,9 +135,6 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes:
 
 def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
                 datasets: tuple[str, ...] = ("wikitext2", "c4")) -> str:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from ptq_grid import GRIDS, SUFFIXES
     rows = _load(RES / folder)
     if not rows:
@@ -142,9 +149,6 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
 
 def peers_section() -> str:
     """The peer rows, the paired comparisons, the HQQ objectives and a verdict computed from them."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from peers import paired
 
     allrows = _load(RES / "peers")
@@ -256,15 +260,10 @@ def provenance(rows: list[dict]) -> str:
 
 def kv_section(folder: str = "kv_stories260k", grid: str = "kv-stories260k", dataset: str = "tinystories") -> str:
     """Issue 4, LLM-QAT's W4A8KV4: one row per (setting, method), with the KV-cache spec in its own column."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ptq_grid import GRIDS, KV_SUFFIXES
-    rows = _load(RES / folder)
+    from ptq_grid import KV_SUFFIXES
+    rows, by, labels = _grid_rows(folder, grid)
     if not rows:
         return "_no results yet_"
-    by = {r["label"]: r for r in rows}
-    labels = [s.label for s in GRIDS[grid]]
     spec = lambda d, what: "float" if not d else (  # noqa: E731
         f"{d['format']} {'per token' if d['granularity'] == 'token' else d['granularity']}"
         + ((" sym" if d["symmetric"] else " asym") if d["format"].startswith("int") else "") + what)
@@ -398,15 +397,9 @@ def _mixed_verdict(by: dict, dataset: str) -> str:
 
 def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories260k", dataset: str = "tinystories") -> str:
     """Issue 5: mixed precision vs uniform per-channel settings, where the bits went (table + PNGs)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ptq_grid import GRIDS
-    rows = _load(RES / folder)
+    rows, by, labels = _grid_rows(folder, grid)
     if not rows:
         return "_no results yet_"
-    by = {r["label"]: r for r in rows}
-    labels = [s.label for s in GRIDS[grid]]
     head = ["setting", "method", "training / calibration data", "bits/param blocks", "bits/param model",
             f"{dataset} ppl", "quant wall s", "peak MiB"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -552,9 +545,6 @@ def _data_words(gs: dict, gr: dict) -> str:
 
 def dfqat_ablations_section() -> str:
     """Issue 4: data-free QAT ablations on stories260K (tables, the commands, a summary worded from the rows)."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from ptq_grid import DFQAT_DESIGN, DFQAT_TOKENS, DFQAT_V1, GRIDS
 
     from lowbit.dfqat import DEFAULTS
@@ -810,9 +800,6 @@ def stage0_section() -> str:
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from ptq_grid import GRIDS
 
     smol_cpu = _load(RES / "rtn_smollm2")

@@ -103,6 +103,7 @@ LLM-QAT and EfficientQAT use 1e-5 to 2e-5) needs smaller rates.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -223,39 +224,58 @@ def _param_groups(root: nn.Module, lr: float, q_lr: float) -> list[dict]:
     """AdamW groups: the live Linears' weights, and their learnable quantizers' parameters. A learner with
     ``lr_groups() -> [(params, multiplier), ...]`` (:mod:`lowbit.mixed`) gets one group per entry at
     ``q_lr * multiplier``."""
+    from .qmodules import QuantEmbedding
+
     weights, qps, extra, seen = [], [], [], set()
+    learners = []
     for m in _live(root):
         if id(m.weight) not in seen:
             seen.add(id(m.weight))
             weights.append(m.weight)
-        learner = getattr(m, "learner", None)
-        if learner is not None and hasattr(learner, "lr_groups"):  # parameters with their own learning rates
-            for params, mult in learner.lr_groups():
-                fresh = [p for p in params if id(p) not in seen]
-                seen.update(id(p) for p in fresh)
-                if fresh:
-                    extra.append({"params": fresh, "lr": q_lr * mult})
+        learners.append(getattr(m, "learner", None))
+    # an embedding table with a learner (lowbit.mixed's learned widths): its quantizer trains, not its weight
+    learners += [m.learner for m in root.modules() if isinstance(m, QuantEmbedding) and not m.frozen
+                 and getattr(m, "learner", None) is not None]
+    for learner in learners:
+        if learner is None:
             continue
-        for p in ([] if learner is None else learner.parameters()):
-            if id(p) not in seen:
-                seen.add(id(p))
-                qps.append(p)
-    from .qmodules import QuantEmbedding
-
-    for m in root.modules():  # an embedding table with a learner (lowbit.mixed's learned widths): its bits
-        learner = getattr(m, "learner", None) if isinstance(m, QuantEmbedding) and not m.frozen else None
-        if learner is not None and hasattr(learner, "lr_groups"):
-            for params, mult in learner.lr_groups():
-                fresh = [p for p in params if id(p) not in seen]
-                seen.update(id(p) for p in fresh)
-                if fresh:
-                    extra.append({"params": fresh, "lr": q_lr * mult})
-        elif learner is not None:
-            fresh = [p for p in learner.parameters() if id(p) not in seen]
+        groups = learner.lr_groups() if hasattr(learner, "lr_groups") else [(list(learner.parameters()), None)]
+        for params, mult in groups:  # mult None: the common quantizer group at q_lr
+            fresh = [p for p in params if id(p) not in seen]
             seen.update(id(p) for p in fresh)
-            qps.extend(fresh)
+            if fresh and mult is None:
+                qps.extend(fresh)
+            elif fresh:
+                extra.append({"params": fresh, "lr": q_lr * mult})
     return (([{"params": weights, "lr": lr}] if weights else []) + ([{"params": qps, "lr": q_lr}] if qps else [])
             + extra)
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module):
+    """Train in fp32 in eval mode with every parameter frozen (stages unfreeze what they train); on exit, even
+    after an error, remove the learners of unfrozen modules and restore requires_grad, dtype and mode."""
+    from .qmodules import QuantEmbedding
+
+    dtype = next(model.parameters()).dtype
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    if dtype != torch.float32:
+        model.float()  # train in fp32; cast back after the final freeze
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m in model.modules():  # an error leaves no learner behind
+            if isinstance(m, (QuantLinear, QuantEmbedding)) and getattr(m, "learner", None) is not None \
+                    and not m.frozen:
+                del m.learner
+        for p in model.parameters():
+            p.requires_grad_(flags.get(id(p), True))
+        if dtype != torch.float32:
+            model.to(dtype)
+        model.train(was_training)
 
 
 def _stream_seed(seed: int, stage: str, epoch: int) -> int:
@@ -852,14 +872,7 @@ def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     _check_processes(ids, opts)
     progress = progress and distributed.is_main()
     t_start = time.time()
-    dtype = next(model.parameters()).dtype
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    if dtype != torch.float32:
-        model.float()  # train in fp32; cast back after the final freeze
-    model.eval()
-    model.requires_grad_(False)
-    try:
+    with training_mode(model):
         teacher = float_teacher(model)
         attach_learnable(model, opts["dfqat_quantizer"])
         ck = _Checkpoint(opts["dfqat_ckpt"], _run_key(cfg, teacher, ids) if opts["dfqat_ckpt"] else "")
@@ -878,15 +891,6 @@ def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         if not _finite(live):
             raise ValueError("dfqat: non-finite weights at the end of training; nothing was frozen")
         freeze_learnable(model)
-    finally:
-        for m in model.modules():  # an error leaves no learner behind
-            if isinstance(m, QuantLinear) and getattr(m, "learner", None) is not None and not m.frozen:
-                del m.learner
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), True))
-        if dtype != torch.float32:
-            model.to(dtype)
-        model.train(was_training)
     model.dfqat_report = {
         "settings": {k: v for k, v in opts.items()}, "data": {"source": source, "n": int(ids.shape[0]),
                                                              "seqlen": int(ids.shape[1])},

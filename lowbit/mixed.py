@@ -464,7 +464,7 @@ class Budget:
             params = sum(p.numel() for p in own)
             fixed = sum(p.numel() * 16 for p in own if id(p) not in mixed_ids)
             self._fixed[i] = (fixed, params)
-        self._start: dict[int, float] = {}
+        self._start: dict[tuple[int, ...], float] = {}
 
     def _scope(self, root: nn.Module) -> list[int]:
         ids = {id(m) for m in root.modules()}
@@ -485,7 +485,7 @@ class Budget:
     def __call__(self, root: nn.Module, step: int, steps: int) -> Tensor:
         scope = self._scope(root)
         B = self.bits_per_param(scope)
-        key = hash(tuple(scope))
+        key = tuple(scope)
         if step == 0 or key not in self._start:
             self._start[key] = float(B.detach())
         target = float(self.opts["mixed_target_bits"])
@@ -799,17 +799,10 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         log.warning("mixed: no live quantized Linear to train")
         return
     t_start = time.time()
-    dtype = next(model.parameters()).dtype
-    flags = {id(p): p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    if dtype != torch.float32:
-        model.float()
-    model.eval()
-    model.requires_grad_(False)
     ib = index_bits(opts["choices"])
     report: dict = {"settings": {k: v for k, v in opts.items() if k.startswith("mixed_")} | {"choices": opts["choices"]},
                     "data": {"source": source, "n": int(ids.shape[0]), "seqlen": int(ids.shape[1])}}
-    try:
+    with D.training_mode(model):
         teacher = D.float_teacher(model)
         learners = attach_noise(model, opts)
         embed = attach_embedding(model, opts)
@@ -893,15 +886,6 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             head.set_qparams(emb_m.qparams)
             head.w_bits, head.w_col_keep, head.w_bit_choices = emb_m.w_bits, None, emb_m.w_bit_choices
             head.frozen = True
-    finally:
-        for m in model.modules():
-            if isinstance(m, QuantLinear) and getattr(m, "learner", None) is not None and not m.frozen:
-                del m.learner
-        for p in model.parameters():
-            p.requires_grad_(flags.get(id(p), True))
-        if dtype != torch.float32:
-            model.to(dtype)
-        model.train(was_training)
     report["bit_map"] = bit_map_summary(model)
     report["seconds"] = time.time() - t_start
     model.mixed_report = report

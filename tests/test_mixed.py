@@ -3,8 +3,6 @@ variance, storage accounting equals the packed file, the repair meets the budget
 runs end to end, saves and reloads bit-exactly, and bad input gets one-line errors."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -31,9 +29,23 @@ def _run(target=3.0, model=None, **extra):
     return quantize_model(model, cfg, calib=_ids(), progress=False)
 
 
+def _save_load(model, folder):
+    """Save in fp32 and load back (no tokenizer needed: a placeholder file, the loader's tokenizer stubbed)."""
+    import lowbit.export as ex
+
+    ex.save_quantized(model, folder, None, float_dtype=torch.float32)
+    (folder / "tokenizer.model").write_bytes(b"")
+    orig = ex.load_tokenizer
+    ex.load_tokenizer = lambda p: None
+    try:
+        return ex.load_quantized(folder)[0]
+    finally:
+        ex.load_tokenizer = orig
+
+
 # ------------------------------------------------------------------------------------------ coupling
 def _block_out(block, x, model):
-    from lowbit.blockwise import capture_inputs, run_block
+    from lowbit.blockwise import run_block
 
     return run_block(block, x, model._kw)
 
@@ -154,7 +166,6 @@ def test_pack_roundtrip_and_size():
 def test_repair_meets_budget_and_spends_bits_by_sensitivity():
     """The integer repair lands at (or just under) the budget; rows whose Fisher is 0 lose their bits first."""
     model = tiny_model()
-    cfg = QuantConfig(weight=SPEC, method="rtn")
     from lowbit.qmodules import replace_modules
     from lowbit.quantize import block_linear_filter
 
@@ -177,8 +188,6 @@ def test_repair_meets_budget_and_spends_bits_by_sensitivity():
 
 # ------------------------------------------------------------------------------------------- method
 def test_method_meets_budget_exactly_and_reloads(tmp_path):
-    from lowbit.export import load_quantized, save_quantized
-
     model = _run(3.0)
     rep = size_report(model)
     assert rep["blocks_bits_per_param"] <= 3.0 + 1e-9
@@ -191,19 +200,7 @@ def test_method_meets_budget_exactly_and_reloads(tmp_path):
     with torch.no_grad():
         ref = model(ids).logits
 
-    class Tok:  # no tokenizer needed for the round trip
-        pass
-
-    save_quantized(model, tmp_path, None, float_dtype=torch.float32)
-    (tmp_path / "tokenizer.model").write_bytes(b"")
-    import lowbit.export as ex
-
-    orig = ex.load_tokenizer
-    ex.load_tokenizer = lambda p: None
-    try:
-        loaded, _ = load_quantized(tmp_path)
-    finally:
-        ex.load_tokenizer = orig
+    loaded = _save_load(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
     assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
@@ -315,7 +312,6 @@ def test_cli_target_bits_needs_mixed(capsys):
 def test_embedding_rows_get_learned_widths_within_their_own_budget(tmp_path, tied):
     """``mixed_embed_target``: the vocabulary rows get widths under the table's own budget; a tied head shares
     the tensor, the grid and the map; save/load is exact."""
-    from lowbit.export import load_quantized, save_quantized
     from lowbit.models import tied_embeddings
 
     model = tiny_model()
@@ -338,16 +334,7 @@ def test_embedding_rows_get_learned_widths_within_their_own_budget(tmp_path, tie
     ids = _ids(2, 16, seed=3)
     with torch.no_grad():
         ref = model(ids).logits
-    save_quantized(model, tmp_path, None, float_dtype=torch.float32)
-    import lowbit.export as ex
-
-    orig = ex.load_tokenizer
-    ex.load_tokenizer = lambda p: None
-    (tmp_path / "tokenizer.model").write_bytes(b"")
-    try:
-        loaded, _ = load_quantized(tmp_path)
-    finally:
-        ex.load_tokenizer = orig
+    loaded = _save_load(model, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
     assert size_report(loaded)["model_bits"] == rep["model_bits"]
