@@ -46,7 +46,10 @@ equals :func:`mixed_storage_bits` up to byte padding and the safetensors header.
 Settings (``--opt KEY=VALUE``; :data:`DEFAULTS`): ``mixed_target_bits`` (the CLI's ``--target-bits``: bits per
 parameter of the decoder blocks, metadata and norms included), ``mixed_choices`` (allowed widths, ``0``
 allows pruning), ``mixed_range`` (``lo-hi`` of the continuous bits), ``mixed_attn_range`` /
-``mixed_ffn_range`` (per-part ranges), ``mixed_init_bits`` (start, default target + 2), ``mixed_prune``,
+``mixed_ffn_range`` (per-part ranges), ``mixed_attn_target`` / ``mixed_ffn_target`` (per-part budgets: that
+part's Linears alone, metadata included, get their own Lagrangian term and their own repair; the rest of
+the blocks gets what is left of ``mixed_target_bits``, which may be omitted when both parts have one),
+``mixed_init_bits`` (start, default the part's target + 2), ``mixed_prune``,
 ``mixed_bits_lr``, ``mixed_gate_lr``, ``mixed_eta`` (dual step), ``mixed_anneal``, ``mixed_fisher_batches``,
 ``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps``, ``mixed_keep_noise_weights`` (fine-tune from the noise
 phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_embed_range`` (widths per
@@ -86,6 +89,8 @@ DEFAULTS = {
     "mixed_range": "2-8",  # continuous bits range [b_lo, b_hi]
     "mixed_attn_range": None,  # e.g. "3-8": attention Linears' own range
     "mixed_ffn_range": None,  # FFN Linears' own range
+    "mixed_attn_target": None,  # bits/param of the attention Linears alone (their own budget; default: shared)
+    "mixed_ffn_target": None,  # bits/param of the FFN Linears alone
     "mixed_init_bits": None,  # default: target + 2 (clamped into the range)
     "mixed_prune": True,  # keep-gates (0-bit units); false: every row keeps >= the lowest non-zero width
     "mixed_gate_init": 3.0,  # log alpha at start: P(keep) ~ 0.99
@@ -120,11 +125,17 @@ def settings(cfg: QuantConfig) -> dict:
         raise ValueError(f"unknown mixed setting {unknown[0]!r}; known: {', '.join(DEFAULTS)}")
     o = {k: cfg.extra.get(k, v) for k, v in DEFAULTS.items()}
     t = o["mixed_target_bits"]
-    if t is None:
+    part_t = {"attention": o["mixed_attn_target"], "ffn": o["mixed_ffn_target"]}
+    for part, v in part_t.items():
+        k = "mixed_attn_target" if part == "attention" else "mixed_ffn_target"
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.5 <= v <= 16):
+            raise ValueError(f"{k} must be a number of bits per parameter in [0.5, 16], got {v!r}")
+    if t is None and None in part_t.values():
         raise ValueError("--method mixed needs a size budget: pass --target-bits 3.0 (bits per parameter of the "
-                         "decoder blocks)")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.5 <= t <= 16:
+                         "decoder blocks), or both mixed_attn_target and mixed_ffn_target")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.5 <= t <= 16):
         raise ValueError(f"--target-bits must be a number of bits per parameter in [0.5, 16], got {t!r}")
+    o["part_target"] = {k: float(v) for k, v in part_t.items() if v is not None}
     try:
         choices = sorted({int(x) for x in str(o["mixed_choices"]).split(",")})
     except ValueError:
@@ -147,8 +158,9 @@ def settings(cfg: QuantConfig) -> dict:
     if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or not 1 <= e <= 16):
         raise ValueError(f"mixed_embed_target must be bits per parameter in [1, 16], got {e!r}")
     o["embed_range"] = _range(o["mixed_embed_range"], "mixed_embed_range")
-    init = o["mixed_init_bits"] if o["mixed_init_bits"] is not None else float(t) + 2
-    o["init_bits"] = float(init)
+    # each part starts 2 bits above its own budget (or the shared one)
+    o["part_init"] = {part: float(o["mixed_init_bits"]) if o["mixed_init_bits"] is not None
+                      else float(o["part_target"].get(part, t)) + 2 for part in part_t}
     for k in ("mixed_bits_lr", "mixed_gate_lr", "mixed_eta"):
         if isinstance(o[k], bool) or not isinstance(o[k], (int, float)) or not 0 < o[k] < math.inf:
             raise ValueError(f"{k} must be a positive number, got {o[k]!r}")
@@ -257,6 +269,8 @@ def _unit_index(unit: Unit, name: str, axis: str, n: int) -> Tensor | None:
 class NoisyRows(nn.Module):
     """Noise-phase learner of one Linear: bits logits per row, links to its row/column gates, the
     row ranges and a running diagonal Fisher per row (module docstring, phase 1)."""
+
+    part: str | None = None  # "attention" or "ffn" for a block Linear (which budget it belongs to)
 
     def __init__(self, weight: Tensor, lo: float, hi: float, init_bits: float, row_gates=None, col_gates=None):
         super().__init__()
@@ -447,40 +461,54 @@ def _model_params(block: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in block.named_parameters() if ".learner." not in f".{n}"]
 
 
+def _mixed_modules(block: nn.Module) -> list[nn.Module]:
+    return [m for m in block.modules() if isinstance(getattr(m, "learner", None), NoisyRows)]
+
+
 class Budget:
     """The Lagrangian size penalty of the noise phase: called as ``penalty(root, step, steps)`` by the dfqat
     stages (root: a tile, or the whole model), it returns ``lambda (B - B_t)`` for the blocks in ``root``,
-    updates ``lambda`` by dual ascent and advances the gates' samples."""
+    updates ``lambda`` by dual ascent and advances the gates' samples.
 
-    def __init__(self, model: nn.Module, opts: dict, idx_bits: int):
-        self.opts, self.idx_bits = opts, idx_bits
+    ``parts``: the block parts (``attention``, ``ffn``) whose Linears this budget covers (None: all);
+    ``fixed``: whether it also counts the blocks' other parameters (norms, float Linears) at 16 bits. With
+    per-part targets there is one budget per such part (``fixed=False``) and one for the rest."""
+
+    def __init__(self, model: nn.Module, opts: dict, idx_bits: int, *, target: float | None = None,
+                 parts: tuple[str, ...] | None = None, fixed: bool = True, name: str = "blocks"):
+        self.opts, self.idx_bits, self.name, self.parts, self.fixed = opts, idx_bits, name, parts, fixed
+        self.target = float(opts["mixed_target_bits"] if target is None else target)
         self.blocks = list(blocks_of(model))
         self.lam = 0.0
         self.history: list[dict] = []
         self._fixed = {}
+        self._members: dict[int, list[nn.Module]] = {}
         for i, b in enumerate(self.blocks):
-            mixed_ids = {id(m.weight) for m in b.modules() if isinstance(getattr(m, "learner", None), NoisyRows)}
-            own = _model_params(b)
-            params = sum(p.numel() for p in own)
-            fixed = sum(p.numel() * 16 for p in own if id(p) not in mixed_ids)
-            self._fixed[i] = (fixed, params)
+            mixed = _mixed_modules(b)
+            self._members[i] = [m for m in mixed if parts is None or m.learner.part in parts]
+            mixed_ids = {id(m.weight) for m in mixed}
+            other = [p for p in _model_params(b) if id(p) not in mixed_ids] if fixed else []
+            params = sum(m.weight.numel() for m in self._members[i]) + sum(p.numel() for p in other)
+            self._fixed[i] = (16 * sum(p.numel() for p in other), params)
         self._start: dict[tuple[int, ...], float] = {}
 
     def _scope(self, root: nn.Module) -> list[int]:
         ids = {id(m) for m in root.modules()}
         return [i for i, b in enumerate(self.blocks) if id(b) in ids]
 
-    def bits_per_param(self, scope: list[int]) -> Tensor:
-        tot = 0.0
-        params = 0
+    def stored_bits(self, scope: list[int]) -> tuple[Tensor | float, int]:
+        """Expected stored bits and parameter count of this budget's share of the blocks in ``scope``."""
+        tot, params = 0.0, 0
         for i in scope:
             fixed, p = self._fixed[i]
-            tot = tot + fixed
-            params += p
-            for m in self.blocks[i].modules():
-                if isinstance(getattr(m, "learner", None), NoisyRows):
-                    tot = tot + m.learner.expected_bits(tuple(m.weight.shape), self.idx_bits)
-        return tot / params
+            tot, params = tot + fixed, params + p
+            for m in self._members[i]:
+                tot = tot + m.learner.expected_bits(tuple(m.weight.shape), self.idx_bits)
+        return tot, params
+
+    def bits_per_param(self, scope: list[int]) -> Tensor:
+        tot, params = self.stored_bits(scope)
+        return torch.as_tensor(tot / max(params, 1))
 
     def __call__(self, root: nn.Module, step: int, steps: int) -> Tensor:
         scope = self._scope(root)
@@ -488,19 +516,72 @@ class Budget:
         key = tuple(scope)
         if step == 0 or key not in self._start:
             self._start[key] = float(B.detach())
-        target = float(self.opts["mixed_target_bits"])
+        target = self.target
         start = max(self._start[key], target)
         a = self.opts["mixed_anneal"] * steps
         bt = target + (start - target) * max(0.0, 1 - step / a) if a > 0 else target
         excess = float(B.detach()) - bt
         self.lam = max(0.0, self.lam + self.opts["mixed_eta"] * excess)
+        if step % 10 == 0 or step + 1 == steps:
+            self.history.append({"budget": self.name, "blocks": [scope[0], scope[-1]], "step": step,
+                                 "bits": float(B.detach()), "target": bt, "lambda": self.lam})
+        return self.lam * (B - bt)
+
+
+def rest_target(model: nn.Module, opts: dict) -> float:
+    """Bits/param left to the parts without their own target (and the norms) so that the whole decoder blocks
+    meet ``mixed_target_bits``: ``(T P_blocks - sum_p t_p P_p) / (P_blocks - sum_p P_p)``."""
+    own = opts["part_target"]
+    total = sum(p.numel() for b in blocks_of(model) for p in _model_params(b))
+    part = {k: sum(m.weight.numel() for b in blocks_of(model) for m in _mixed_modules(b) if m.learner.part == k)
+            for k in own}
+    rest = total - sum(part.values())
+    return (float(opts["mixed_target_bits"]) * total - sum(own[k] * n for k, n in part.items())) / max(rest, 1)
+
+
+def block_budgets(model: nn.Module, opts: dict, idx_bits: int) -> list[Budget]:
+    """One :class:`Budget` per part with its own target (``mixed_attn_target`` / ``mixed_ffn_target``), then
+    one for the rest of the blocks (:func:`rest_target`: the blocks as a whole meet ``mixed_target_bits``);
+    none for the rest when nothing learned is left in it."""
+    own = opts["part_target"]
+    out = [Budget(model, opts, idx_bits, target=t, parts=(part,), fixed=False, name=part) for part, t in own.items()]
+    rest = tuple(p for p in ("attention", "ffn") if p not in own)
+    if rest:
+        out.append(Budget(model, opts, idx_bits, parts=rest if own else None, fixed=True, name="rest" if own else
+                          "blocks", target=rest_target(model, opts) if own else None))
+    return out
+
+
+class Penalty:
+    """The sum of several budgets' terms, called like one :class:`Budget`; the gates advance once per step."""
+
+    def __init__(self, budgets: list[Budget]):
+        self.budgets = budgets
+
+    def __call__(self, root: nn.Module, step: int, steps: int) -> Tensor:
+        terms = [b(root, step, steps) for b in self.budgets]
         for m in root.modules():
             if isinstance(m, UnitGates):
                 m.advance()
-        if step % 10 == 0 or step + 1 == steps:
-            self.history.append({"blocks": [scope[0], scope[-1]], "step": step, "bits": float(B.detach()),
-                                 "target": bt, "lambda": self.lam})
-        return self.lam * (B - bt)
+        return sum(terms[1:], terms[0])
+
+    @property
+    def history(self) -> list[dict]:
+        return [h for b in self.budgets for h in b.history]
+
+    def blocks_bits_per_param(self, model: nn.Module) -> float:
+        """Expected bits/param of all the decoder blocks (every budget's share plus what none learns)."""
+        blocks = list(blocks_of(model))
+        tot, params = 0.0, 0
+        for b in self.budgets:
+            t, p = b.stored_bits(list(range(len(blocks))))
+            tot, params = tot + float(t), params + p
+        if not any(b.fixed for b in self.budgets):  # every part has its own budget: the rest stays at 16 bits
+            for blk in blocks:
+                ids = {id(m.weight) for m in _mixed_modules(blk)}
+                n = sum(p.numel() for p in _model_params(blk) if id(p) not in ids)
+                tot, params = tot + 16 * n, params + n
+        return tot / max(params, 1)
 
 
 # ---------------------------------------------------------------------------------------- attach
@@ -527,9 +608,11 @@ def attach_noise(model: nn.Module, opts: dict) -> dict[str, NoisyRows]:
                     row_g = (g, _unit_index(u, rel, "rows", m.out_features))
                 if rel in u.cols:
                     col_g = (g, _unit_index(u, rel, "cols", m.in_features))
-            lo, hi = opts["part_range"][_part(rel, arch)]
-            init = min(max(opts["init_bits"], lo), hi)
+            part = _part(rel, arch)
+            lo, hi = opts["part_range"][part]
+            init = min(max(opts["part_init"][part], lo), hi)
             m.learner = NoisyRows(m.weight.detach(), lo, hi, init, row_g, col_g)
+            m.learner.part = part
             learners[f"{arch.layers}.{bi}.{rel}"] = m.learner
     return learners
 
@@ -588,7 +671,7 @@ def _nearest(b: float, allowed: list[int]) -> int:
 
 @torch.no_grad()
 def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *,
-                 pool: tuple[float, int, int] | None = None) -> dict[str, dict]:
+                 pool: tuple[float, int, int] | None = None, name: str = "blocks") -> dict[str, dict]:
     """Round the learned widths (pruning units with ``P(keep) <= 0.5``) and repair to the exact budget with the
     greedy sensitivity rule of the module docstring. Returns ``{name: {"bits", "col_keep"}}``. ``pool``:
     ``(target bits/param, parameters, fixed bits)`` of another budget than the decoder blocks' (the embedding
@@ -679,7 +762,7 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
         if total > budget and opts["mixed_prune"]:  # still over: prune whole units, least likely kept first
             total = _prune_units(state, learners, total, budget)
         if total > budget:
-            raise ValueError(f"a budget of {target} bits/param is below what the lowest width "
+            raise ValueError(f"a {name} budget of {target} bits/param is below what the lowest width "
                              f"({min(allowed)} bits) and the metadata can reach ({total / params:.3f}); raise it "
                              "or allow pruning (mixed_choices with 0)")
     heap = []
@@ -701,6 +784,26 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
             heapq.heappush(heap, (-s2[0], name, r))
     return {n: {"bits": st["bits"], "col_keep": st["col_keep"]} for n, st in state.items()} | \
         {"_total": {"bits_per_param": total / params, "params": params}}
+
+
+def block_pools(model: nn.Module, learners: dict[str, NoisyRows], opts: dict
+                ) -> list[tuple[str, dict[str, NoisyRows], tuple[float, int, int]]]:
+    """The budgets of :func:`integer_bits` for the decoder blocks, as ``(name, learners, pool)``: one per part
+    with its own target (its Linears only), then the rest (the other Linears, norms and float parameters at
+    16 bits) under :func:`rest_target`; the rest is left out when it learns nothing."""
+    mods = dict(model.named_modules())
+    own = opts["part_target"]
+    pools = []
+    for part, t in own.items():
+        sub = {n: lr for n, lr in learners.items() if lr.part == part}
+        pools.append((part, sub, (t, sum(mods[n].weight.numel() for n in sub), 0)))
+    rest = {n: lr for n, lr in learners.items() if lr.part not in own}
+    if rest:
+        ids = {id(mods[n].weight) for n in learners}
+        other = sum(p.numel() for b in blocks_of(model) for p in _model_params(b) if id(p) not in ids)
+        params = sum(mods[n].weight.numel() for n in rest) + other
+        pools.append(("rest" if own else "blocks", rest, (rest_target(model, opts), params, 16 * other)))
+    return pools
 
 
 def _prune_units(state: dict, learners: dict[str, NoisyRows], total: float, budget: float) -> float:
@@ -810,7 +913,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         mods = dict(model.named_modules())
         float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *([embed[0]] if embed else [])]}
         ebudget = EmbedBudget(mods[embed[0]], opts, index_bits(emb_choices)) if embed else None
-        budget = Budget(model, opts, ib)
+        budget = Penalty(block_budgets(model, opts, ib))
         key = D._run_key(cfg, teacher, ids) if dopts["dfqat_ckpt"] else ""
         ck = D._Checkpoint(dopts["dfqat_ckpt"], key)
         if ck.load():
@@ -836,7 +939,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             e2e = D._e2e_stage(model, teacher, ids, data, nopts, cfg.seed, ck, progress, penalty=pen,
                                label="mixed-noise")
         report["noise"] = {"tiles": tiles, "e2e": e2e, "budget": budget.history,
-                           "expected_bits": float(budget.bits_per_param(list(range(len(budget.blocks)))))}
+                           "expected_bits": budget.blocks_bits_per_param(model)}
         torch.manual_seed(cfg.seed + 1)  # the same noise as the uninterrupted run (a resumed one reaches here too)
         _fisher_pass(model, teacher, ids, learners | ({embed[0]: embed[1]} if embed else {}), opts, dopts, cfg.seed)
         for g in (m for m in model.modules() if isinstance(m, UnitGates)):
@@ -846,8 +949,20 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
                 for n, w in float_w.items():
                     mods[n].weight.copy_(w)
         del float_w
-        plan = integer_bits(model, learners, opts)
-        report["integer"] = plan.pop("_total")
+        plan, parts = {}, {}
+        for pname, sub, pool in block_pools(model, learners, opts):
+            if sub:
+                p = integer_bits(model, sub, opts, pool=pool, name=pname)
+                parts[pname] = p.pop("_total")
+                plan |= p
+        total = sum(v["bits_per_param"] * v["params"] for v in parts.values())
+        params = sum(v["params"] for v in parts.values())
+        if "rest" not in parts and "blocks" not in parts:  # every part has its own budget: the rest at 16 bits
+            wid = {id(mods[n].weight) for n in learners}
+            other = sum(p.numel() for b in blocks_of(model) for p in _model_params(b) if id(p) not in wid)
+            total, params = total + 16 * other, params + other
+        report["integer"] = {"bits_per_param": total / params, "params": params} | (
+            {"budgets": parts} if opts["part_target"] else {})
         if embed:
             eopts = dict(opts, choices=emb_choices, mixed_prune=False)
             eplan = integer_bits(model, {embed[0]: embed[1]}, eopts,
@@ -930,6 +1045,7 @@ def bit_map_summary(model: nn.Module) -> dict:
     return out
 
 
-__all__ = ["DEFAULTS", "settings", "block_units", "UnitGates", "NoisyRows", "RowLSQ", "Budget", "attach_noise",
+__all__ = ["DEFAULTS", "settings", "block_units", "UnitGates", "NoisyRows", "RowLSQ", "Budget", "block_budgets",
+           "Penalty", "block_pools", "attach_noise",
            "integer_bits", "freeze_mixed", "mixed_storage_bits", "pack_mixed", "unpack_mixed", "mixed_method",
            "bit_map_summary", "index_bits"]

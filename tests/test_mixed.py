@@ -25,7 +25,8 @@ def _ids(n=4, length=24, seed=0):
 
 def _run(target=3.0, model=None, **extra):
     model = tiny_model() if model is None else model
-    cfg = QuantConfig(weight=SPEC, method="mixed", extra=dict(TINY, mixed_target_bits=target, **extra))
+    extra = dict(TINY, **extra) | ({} if target is None else {"mixed_target_bits": target})
+    cfg = QuantConfig(weight=SPEC, method="mixed", extra=extra)
     return quantize_model(model, cfg, calib=_ids(), progress=False)
 
 
@@ -254,8 +255,41 @@ def test_part_ranges_are_respected():
             assert int(m.w_bits.min()) >= 5
 
 
+def _part_bits(model, part):
+    """Stored bits/param of one part's Linears (metadata included), from the frozen width maps."""
+    names = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "ffn": ("gate_proj", "up_proj", "down_proj")}[part]
+    lins = [m for n, m in model.model.layers.named_modules() if isinstance(m, QuantLinear) and n.endswith(names)]
+    bits = sum(mx.mixed_storage_bits(m.w_bits, m.w_col_keep, tuple(m.weight.shape), mx.index_bits(m.w_bit_choices))
+               ["total"] for m in lins)
+    return bits / sum(m.weight.numel() for m in lins)
+
+
+def test_part_budgets_hold_each_part_exactly():
+    """Own budgets for attention and FFN: each part lands at (just under) its own target, whatever the other
+    part does, and the blocks' total that the report gives is the stored one."""
+    model = _run(None, mixed_attn_target=5.0, mixed_ffn_target=2.5, mixed_prune=False)
+    att, ffn = _part_bits(model, "attention"), _part_bits(model, "ffn")
+    assert 4.8 < att <= 5.0 + 1e-9 and 2.3 < ffn <= 2.5 + 1e-9
+    rep = size_report(model)
+    assert abs(rep["blocks_bits_per_param"] - model.mixed_report["integer"]["bits_per_param"]) < 1e-9
+    assert set(model.mixed_report["integer"]["budgets"]) == {"attention", "ffn"}
+    assert {h["budget"] for h in model.mixed_report["noise"]["budget"]} == {"attention", "ffn"}
+
+
+def test_one_part_budget_with_the_shared_one():
+    """An attention budget beside the blocks' target: attention holds its own, the blocks hold the total (the
+    FFN gets what is left)."""
+    model = _run(3.0, mixed_attn_target=2.5, mixed_prune=False)
+    assert _part_bits(model, "attention") <= 2.5 + 1e-9
+    assert size_report(model)["blocks_bits_per_param"] <= 3.0 + 1e-9
+    assert size_report(model)["blocks_bits_per_param"] > 2.9
+    assert _part_bits(model, "ffn") > 3.0  # what attention saved went to the FFN
+
+
 @pytest.mark.parametrize("extra,msg", [
     ({}, "needs a size budget"),
+    ({"mixed_attn_target": 3.0}, "needs a size budget"),
+    ({"mixed_target_bits": 3.0, "mixed_ffn_target": 0.1}, "mixed_ffn_target"),
     ({"mixed_target_bits": 0.1}, "target-bits"),
     ({"mixed_target_bits": 3.0, "mixed_range": "9-2"}, "mixed_range"),
     ({"mixed_target_bits": 3.0, "mixed_choices": "a,b"}, "mixed_choices"),
