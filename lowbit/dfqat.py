@@ -134,7 +134,8 @@ TILE_INPUTS = ("fp", "quant")
 TILE_LOSSES = ("l2", "l1")
 TEACHERS = ("model", "topk")
 MEDIAN_WINDOW = 50  # losses the divergence test takes the running median of
-SPIKE = 10.0  # a loss above SPIKE x that median counts as divergence
+SPIKE = 10.0  # a loss above SPIKE x that median is a spike
+SPIKE_SKIPS = 3  # a spike's batch is skipped (no update); this many spikes in a row count as divergence
 
 DEFAULTS = {
     "dfqat_tile": 3,  # decoder blocks per tile
@@ -440,13 +441,16 @@ def _load_opt_state(opt: torch.optim.Optimizer, state: dict) -> None:
 def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], Tensor], opts: dict, *,
            clip: float = 0.0, start: int = 0, lr_scale: float = 1.0, retries: int = 0,
            losses: list[float] | None = None, opt_state: dict | None = None, every: int = 0,
-           on_save: Callable[[int, dict], None] | None = None, bar=None) -> dict:
+           on_save: Callable[[int, dict], None] | None = None, bar=None, skipped: int = 0) -> dict:
     """AdamW on ``groups`` for steps ``start .. steps - 1`` with cosine decay and the divergence guard.
 
     ``loss_at(step)`` returns the loss of that step's batch. A good state (parameters, optimizer moments) is
     kept in memory at ``start`` and every ``every`` steps (then ``on_save(step, state)`` is called, e.g. to
-    write a checkpoint); a divergence restores it and halves the learning rates. Returns the run's state:
-    ``lr_scale``, ``retries`` (so far, ``retries`` included), ``losses`` (per step), ``opt_state``."""
+    write a checkpoint); a divergence restores it and halves the learning rates. A non-finite loss, gradient
+    or parameter is a divergence at once; a loss over ``SPIKE`` x the running median is first taken for a hard
+    batch (heavy-tailed hidden states, e.g. LLMs' massive activations): that step makes no update, and only
+    ``SPIKE_SKIPS`` spikes in a row count as a divergence. Returns the run's state: ``lr_scale``, ``retries``
+    (so far, ``retries`` included), ``skipped`` (spike batches skipped), ``losses`` (per step), ``opt_state``."""
     params = [p for g in groups for p in g["params"]]
     base = [g["lr"] for g in groups]
     opt = torch.optim.AdamW([dict(g) for g in groups], weight_decay=0.0)
@@ -459,11 +463,12 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
                 "opt_state": _cpu_state(opt), "n_losses": len(losses)}
 
     def state(step: int) -> dict:
-        return {"step": step, "lr_scale": lr_scale, "retries": retries, "losses": list(losses),
+        return {"step": step, "lr_scale": lr_scale, "retries": retries, "skipped": skipped, "losses": list(losses),
                 "opt_state": _cpu_state(opt)}
 
     good = snapshot(start)
     step = start
+    in_row = 0  # consecutive spikes
     while step < steps:
         f = _cosine(step, steps, opts["dfqat_min_lr"]) * lr_scale
         for g, b in zip(opt.param_groups, base):
@@ -478,11 +483,19 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
         val = distributed.mean_value(val)  # several processes: the whole batch's loss, the same decision on all
         recent = losses[-MEDIAN_WINDOW:]
         bad = None
+        spike = False
         if not math.isfinite(val):
             bad = f"loss became {val}"
         elif len(recent) >= 3 and val > SPIKE * statistics.median(recent):
-            bad = f"loss jumped to {val:.4g} (over {SPIKE:g}x its running median {statistics.median(recent):.4g})"
-        if bad is None:
+            in_row += 1
+            if in_row >= SPIKE_SKIPS:
+                bad = (f"loss jumped to {val:.4g} (over {SPIKE:g}x its running median "
+                       f"{statistics.median(recent):.4g}, {in_row} steps in a row)")
+            else:
+                spike = True  # a hard batch, or the start of a divergence: no update, look at the next one
+        else:
+            in_row = 0
+        if bad is None and not spike:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
@@ -501,6 +514,7 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
                                  f"rates x{lr_scale:g}); lower them, e.g. --opt dfqat_lr="
                                  f"{opts['dfqat_lr'] / 10:g} --opt dfqat_e2e_lr={opts['dfqat_e2e_lr'] / 10:g}")
             retries += 1
+            in_row = 0
             lr_scale *= 0.5
             log.warning("dfqat: %s: %s at step %d; restoring step %d, learning rates x%g (retry %d of %d)",
                         label, bad, step + 1, good["step"], lr_scale, retries, opts["dfqat_retries"])
@@ -515,6 +529,10 @@ def _train(label: str, groups: list[dict], steps: int, loss_at: Callable[[int], 
                 bar.n = step
                 bar.refresh()
             continue
+        if spike:
+            skipped += 1
+            log.info("dfqat: %s: step %d skipped (loss %.4g over %gx its running median)", label, step + 1, val,
+                     SPIKE)
         losses.append(val)
         step += 1
         if bar is not None:
@@ -734,7 +752,8 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
                   "loss_first": res["losses"][0] if res["losses"] else None,
                   "loss_last": res["losses"][-1] if res["losses"] else None,
                   "lr": opts["dfqat_lr"] * res["lr_scale"], "q_lr": opts["dfqat_q_lr"] * res["lr_scale"],
-                  "retries": res["retries"], "seconds": time.time() - t0, "resumed": False}
+                  "retries": res["retries"], "skipped": res.get("skipped", 0), "seconds": time.time() - t0,
+                  "resumed": False}
         report.append(entry)
         xq = _forward(stu, xq, kw, chunk)
         if xfp is not None:
@@ -778,7 +797,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     def on_save(step: int, st: dict) -> None:
         ck.save(model, opt_state=st["opt_state"], e2e_step=step,
                 e2e=entry | {"losses": st["losses"], "lr_scale": st["lr_scale"], "retries": st["retries"],
-                             "seconds": time.time() - t0})
+                             "skipped": st["skipped"], "seconds": time.time() - t0})
 
     params = [p for g in groups for p in g["params"]]
     for p in params:
@@ -789,6 +808,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
         with torch.enable_grad():
             st = _train("end-to-end", groups, steps, step_loss, opts, clip=opts["dfqat_clip"], start=start,
                         lr_scale=prev.get("lr_scale", 1.0), retries=prev.get("retries", 0),
+                        skipped=prev.get("skipped", 0),
                         losses=prev.get("losses", []), opt_state=ck.opt_state() if start else None,
                         every=opts["dfqat_save_every"], on_save=on_save, bar=bar)
     finally:
@@ -803,7 +823,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     return entry | {"losses": losses, "loss_first": losses[0] if losses else None,
                     "loss_last": losses[-1] if losses else None, "kd_after": _kd_probe(model, teacher, probe, opts),
                     "lr": opts["dfqat_e2e_lr"] * st["lr_scale"], "q_lr": opts["dfqat_e2e_q_lr"] * st["lr_scale"],
-                    "retries": st["retries"], "seconds": time.time() - t0}
+                    "retries": st["retries"], "skipped": st["skipped"], "seconds": time.time() - t0}
 
 
 @torch.no_grad()

@@ -114,19 +114,39 @@ class _Flaky:
 
 @pytest.mark.parametrize("kind", ["nan", "spike"])
 def test_divergence_restores_halves_the_lr_and_finishes(monkeypatch, kind):
+    """A NaN at once, or SPIKE_SKIPS spikes in a row, restore the last good state at half the learning rate."""
     ref = _run()
-    monkeypatch.setattr(dfqat, "_tile_loss", _Flaky(dfqat._tile_loss, at=5, kind=kind))
-    monkeypatch.setattr(dfqat, "_kd", _Flaky(dfqat._kd, at=4, kind=kind))
+    times = 1 if kind == "nan" else dfqat.SPIKE_SKIPS
+    monkeypatch.setattr(dfqat, "_tile_loss", _Flaky(dfqat._tile_loss, at=5, kind=kind, times=times))
+    monkeypatch.setattr(dfqat, "_kd", _Flaky(dfqat._kd, at=4, kind=kind, times=times))
     q = _run()
     rep = q.dfqat_report
     first, second = rep["tiles"]
     assert first["retries"] == 1 and first["lr"] == TINY_LR / 2 and first["q_lr"] == TINY_QLR / 2
     assert len(first["losses"]) == 8 and all(map(_finite, first["losses"]))
     assert second["retries"] == 0 and second["lr"] == TINY_LR
-    assert rep["e2e"]["retries"] == 1 and len(rep["e2e"]["losses"]) == 4
-    assert rep["e2e"]["lr"] == TINY["dfqat_e2e_lr"] / 2
+    if kind == "nan":
+        assert rep["e2e"]["retries"] == 1 and len(rep["e2e"]["losses"]) == 4
+        assert rep["e2e"]["lr"] == TINY["dfqat_e2e_lr"] / 2
+    else:  # the 4-step stage ends on its first spike: skipped, no retry
+        assert rep["e2e"]["retries"] == 0 and rep["e2e"]["skipped"] == 1
     assert all(m.frozen for m in _block_linears(q).values())
     assert not _same_weights(q, ref)  # a smaller learning rate gave other weights
+
+
+def test_a_lone_spike_is_a_hard_batch_skipped_without_update(monkeypatch):
+    """One spike (a heavy-tailed batch) makes no update and no retry; the run goes on at full learning rate and
+    differs from the plain run only by that skipped step."""
+    ref = _run()
+    monkeypatch.setattr(dfqat, "_tile_loss", _Flaky(dfqat._tile_loss, at=5, kind="spike"))
+    monkeypatch.setattr(dfqat, "_kd", _Flaky(dfqat._kd, at=4, kind="spike"))
+    q = _run()
+    first = q.dfqat_report["tiles"][0]
+    assert first["retries"] == 0 and first["skipped"] == 1 and first["lr"] == TINY_LR
+    assert len(first["losses"]) == 8
+    e2e = q.dfqat_report["e2e"]
+    assert e2e["retries"] == 0 and e2e["skipped"] == 1 and e2e["lr"] == TINY["dfqat_e2e_lr"]
+    assert not _same_weights(q, ref)  # one update fewer
 
 
 TINY_LR, TINY_QLR = dfqat.DEFAULTS["dfqat_lr"], dfqat.DEFAULTS["dfqat_q_lr"]
