@@ -70,8 +70,8 @@ def probe_full(args, meta: dict) -> None:
     ppl = perplexity(model, eval_ids("ptb", tok, 2048), 2048, max_windows=args.windows, progress=True, desc="ptb")
     rec = {"mode": "full", "model": model_name(args.model), "config": cfg.to_dict(), "label": args.label,
            "tuning_set": {"dataset": "ptb", "windows": ppl["windows"], "seqlen": 2048}, "ptb_ppl": ppl["ppl"],
-           "tiles": [{k: t[k] for k in ("tile", "rel_mse_before", "rel_mse_after", "loss_first", "loss_last",
-                                         "retries", "seconds")} for t in rep["tiles"]],
+           "tiles": [{k: t.get(k) for k in ("tile", "rel_mse_before", "rel_mse_after", "loss_first", "loss_last",
+                                             "retries", "skipped", "seconds")} for t in rep["tiles"]],
            "e2e": None if rep["e2e"] is None else {k: v for k, v in rep["e2e"].items() if k != "losses"},
            "quant_wall_s": quant_s, "seed": args.seed, **meta}
     write_json(Path(args.out) / f"full-{args.w_format}-{args.w_granularity}-{args.label}.json", rec)
