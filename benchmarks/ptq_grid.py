@@ -119,6 +119,9 @@ GRIDS: dict[str, list[Setting]] = {
 }
 
 
+# Settings a row does not name are lowbit.dfqat.DEFAULTS; DFQAT_V1 = the defaults before the cost tuning.
+DFQAT_V1 = {"dfqat_tile_steps": 250, "dfqat_e2e_steps": 100, "dfqat_lr": 3e-4, "dfqat_q_lr": 1e-4}
+
 # issue 5 on stories260K: learned per-channel mixed precision (--method mixed) vs uniform per-channel settings
 # of about the same real size (int2/int3/int4 channel asym: 2.30 / 3.30 / 4.31 bits/param with metadata, 64-wide
 # rows); run with --calib self (no data at all)
@@ -136,6 +139,13 @@ GRIDS["mixed-stories260k"] = [
     Setting("mixed-3.0-noprune", "mixed", W("int8", "channel"), full=True,
             extra={"mixed_target_bits": 3.0, "mixed_prune": False}),
 ]
+# per-part budgets at 3.0 bits/param (the learned split was even: attention 2.93, FFN 2.98): attention held at
+# 2.5 or 3.5, the FFN gets the rest; with the first dfqat defaults like the rows above, and a control row that
+# reruns mixed-3.0 with them named (the rows above ran before dfqat's defaults changed)
+GRIDS["mixed-stories260k"] += [
+    Setting(f"mixed-3.0-{tag}", "mixed", W("int8", "channel"), full=True,
+            extra=DFQAT_V1 | {"mixed_target_bits": 3.0} | extra)
+    for tag, extra in (("v1", {}), ("attn2.5", {"mixed_attn_target": 2.5}), ("attn3.5", {"mixed_attn_target": 3.5}))]
 
 
 # issue 4, LLM-QAT's W4A8KV4 on stories260K: int4 per-channel symmetric weights (LLM-QAT's weight grid; any row
@@ -157,8 +167,6 @@ KV_SUFFIXES = ["w4a8kv4-head", "w4a8kv4", "w4a8", "kv4-head", "kv4", "kv8"]  # l
 
 # issue 4, data-free QAT ablations on stories260K: int3 g32 (the main setting) and int2 g32 (token counts, defaults),
 # one folder per command under results/dfqat_ablations_stories260k/ (benchmarks/report.py lists the commands).
-# Settings a row does not name are lowbit.dfqat.DEFAULTS; DFQAT_V1 = the defaults before the cost tuning.
-DFQAT_V1 = {"dfqat_tile_steps": 250, "dfqat_e2e_steps": 100, "dfqat_lr": 3e-4, "dfqat_q_lr": 1e-4}
 DFQAT_TOKENS = (8, 32, 128, 512)  # self-generated sequences of 256 tokens (run with --nsamples 512)
 _S260_G32 = [("w3-g32", W("int3", "g32")), ("w2-g32", W("int2", "g32"))]
 
