@@ -392,6 +392,24 @@ def _mixed_verdict(by: dict, dataset: str) -> str:
     if "mixed-3.0" in by and "mixed-3.0-noprune" in by:
         a, b = by["mixed-3.0"], by["mixed-3.0-noprune"]
         lines.append(f"Pruning allowed vs not, at 3.0: {ppl(a):.2f} vs {ppl(b):.2f}")
+    ctrl = by.get("mixed-3.0-v1")
+    parts = [(lab, by[lab]) for lab in ("mixed-3.0-attn2.5", "mixed-3.0-attn3.5") if lab in by]
+    if ctrl and parts:
+        def split(r):
+            bm = (r.get("mixed_report") or {}).get("bit_map") or {}
+            tot = {}
+            for v in bm.values():
+                t = tot.setdefault(v["part"], [0, 0])
+                t[0] += v["bits"]
+                t[1] += v["params"]
+            return ", ".join(f"{k} {b / n:.2f}" for k, (b, n) in sorted(tot.items()))
+        lines.append(f"Per-part budgets at 3.0 (the control: learned split {split(ctrl)}, {ppl(ctrl):.2f}"
+                     + ((f"; it reproduces the mixed-3.0 row of commit {by['mixed-3.0'].get('commit', '?')}"
+                         + (" exactly" if ppl(by["mixed-3.0"]) == ppl(ctrl) else f" ({ppl(by['mixed-3.0']):.2f})"))
+                        if "mixed-3.0" in by else "") + "): " + "; ".join(f"{split(r)}: {ppl(r):.2f}" for _, r in parts)
+                     + ". " + ("Moving bits between the parts does not beat the learned split"
+                               if all(ppl(r) >= ppl(ctrl) for _, r in parts) else
+                               "A fixed split beats the learned one: the budget term under-weights one part"))
     return "Verdict (generated from the rows above):\n\n" + "\n".join(f"- {x}." for x in lines) if lines else ""
 
 
@@ -409,8 +427,13 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
             continue
         c = r.get("config") or {}
         w = c.get("weight")
-        setting = ("float" if not w else (f"target {c['extra']['mixed_target_bits']} learned widths"
-                                          + (", no pruning" if c["extra"].get("mixed_prune") is False else "")
+        ex = c.get("extra") or {}
+        setting = ("float" if not w else (f"target {ex['mixed_target_bits']} learned widths"
+                                          + (", no pruning" if ex.get("mixed_prune") is False else "")
+                                          + "".join(f", {part} held at {ex[k]}" for part, k in
+                                                    (("attention", "mixed_attn_target"), ("FFN", "mixed_ffn_target"))
+                                                    if ex.get(k) is not None)
+                                          + (" (first dfqat defaults named)" if "dfqat_tile_steps" in ex else "")
                                           if r["method"] == "mixed" else f"{w['format']} per channel asym"))
         out.append("| " + " | ".join([setting, r["method"], _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                                        _f(r["bits"]["model_bits_per_param"], 3), _ppl_cell(r, dataset),
