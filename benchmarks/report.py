@@ -582,48 +582,93 @@ def _full_ppl(r: dict | None, ds: str) -> float | None:
     return m["ppl"] if m and m["windows"] == m["windows_total"] else None
 
 
+SMOL_SETTINGS = {  # grid suffix -> the RTN record of the H100 RTN grid with the same weights
+    "w4-g128": "int4-g128-asym", "w3-g128": "int3-g128-asym", "w3-channel": "int3-channel-asym",
+    "w2-g64": "int2-g64-asym"}
+
+
+def _device_cell(r: dict) -> str:
+    dev = r.get("device", "?")
+    return "H100" if "H100" in dev else ("CPU, 1 thread" if "cpu" in dev.lower() else dev)
+
+
+def _data_seconds(r: dict) -> float:
+    """Seconds spent making the calibration / training data (self-generation for dfqat; reading C4 for GPTQ)."""
+    c = r.get("calibration")
+    return float(c.get("seconds_to_make", 0.0)) if isinstance(c, dict) else 0.0
+
+
+def _cost(r: dict) -> float:
+    return r["quant_wall_s"] + _data_seconds(r)
+
+
+def _commands(rows: list[dict], prefix: str = "OMP_NUM_THREADS=1 python ") -> str:
+    """The exact commands that produced ``rows``, as recorded in each of them (unique, in first-seen order)."""
+    seen = dict.fromkeys(prefix + r["command"] for r in rows if r.get("command"))
+    return "\n".join(seen)
+
+
 def dfqat_smollm2_section() -> str:
     """Issue 4 on SmolLM2-135M: data-free QAT rows (CPU), the H100 PTQ rows beside them, the tuning probes."""
     from ptq_grid import GRIDS
 
     cpu = {r["label"]: r for r in _load(RES / SMOL_DFQAT)}
     gpu = {r["label"]: r for r in _load(RES / "ptq_smollm2")}
+    rtn = {r["label"]: r for r in _load(RES / "rtn_smollm2_gpu")}
     probes = _load(RES / SMOL_PROBE)
     if not cpu and not probes:
         return "_no results yet_"
     grid = [s.label for s in GRIDS["dfqat-smollm2"]]
     head = ["row", "method", "training / calibration data", "device", "bits/param blocks", "wikitext2 ppl (full)",
-            f"wikitext2 ppl, first {PREFIX}", f"c4 ppl, first {PREFIX}", "quant wall s", "x GPTQ time (same run)",
-            "peak MiB"]
+            f"wikitext2 ppl, first {PREFIX}", f"c4 ppl, first {PREFIX}", "quant wall s", "data s",
+            "x GPTQ time (same machine)", "peak MiB"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    g_cpu = cpu.get("gptq-c4-w3-g128")
-    ref = [("fp", gpu.get("fp")), ("rtn-w3-g128", gpu.get("rtn-w3-g128")), ("gptq-w3-g128", gpu.get("gptq-w3-g128")),
-           ("awq-w3-g128", gpu.get("awq-w3-g128"))]
-    mine = [(lab, cpu.get(lab)) for lab in grid if lab.endswith("w3-g128") and lab in cpu]
-    for lab, r in ref + mine:
-        if r is None:
+    words, gptq_ref_used = [], False
+    for suffix, rtn_label in SMOL_SETTINGS.items():
+        mine = [cpu[lab] for lab in grid if lab.endswith(suffix) and lab in cpu]
+        if not mine:
             continue
-        dev = r.get("device", "?")
-        dev = "H100" if "H100" in dev else ("CPU, 1 thread" if "cpu" in dev.lower() else dev)
-        ratio = (_f(r["quant_wall_s"] / g_cpu["quant_wall_s"], 2) + "x"
-                 if g_cpu and r in cpu.values() and r["method"] != "gptq" else "–")
-        out.append("| " + " | ".join([
-            lab, r["method"], _calib_cell(r) if r["method"] not in ("rtn", "fp") else "none", dev,
-            _f(r["bits"]["blocks_bits_per_param"], 3), _f(_full_ppl(r, "wikitext2")),
-            _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
-            _f(r.get("quant_wall_s"), 0), ratio, _f(r.get("peak_memory_mb"), 0)]) + " |")
+        # GPTQ's cost hardly depends on the bit-width: a setting without its own CPU GPTQ run uses another's
+        g_cpu = cpu.get(f"gptq-c4-{suffix}") or next(
+            (cpu[k] for k in cpu if k.startswith("gptq-c4-") and k.endswith(("g128", "g64"))), None)
+        gptq_ref_used |= g_cpu is not None and g_cpu["label"] != f"gptq-c4-{suffix}"
+        ref = [gpu.get(f"rtn-{suffix}") or rtn.get(rtn_label), gpu.get(f"gptq-{suffix}"), gpu.get(f"awq-{suffix}")]
+        rows = ([gpu["fp"]] if "fp" in gpu and len(out) == 2 else []) + [r for r in ref if r] + mine
+        for r in rows:
+            is_cpu = r is cpu.get(r["label"])
+            ratio = (_f(_cost(r) / _cost(g_cpu), 2) + "x" if g_cpu and is_cpu and r["method"] != "gptq" else "–")
+            lab = r["label"] if r["method"] != "rtn" or is_cpu else f"rtn-{suffix}"
+            out.append("| " + " | ".join([
+                lab, r["method"], _calib_cell(r) if r["method"] not in ("rtn", "fp") else "none", _device_cell(r),
+                _f(r["bits"]["blocks_bits_per_param"], 3), _f(_full_ppl(r, "wikitext2")),
+                _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
+                _f(r.get("quant_wall_s"), 0), _f(_data_seconds(r), 0) if is_cpu else "–", ratio,
+                _f(r.get("peak_memory_mb"), 0) if r.get("peak_memory_mb", 0) < 1e4 else f"{r['peak_memory_mb']:.0f}",
+            ]) + " |")
+        # the verdict, worded from the rows: the combined pipeline against C4-calibrated GPTQ
+        d = cpu.get(f"dfqat-{suffix}")
+        g = gpu.get(f"gptq-{suffix}") if _full_ppl(gpu.get(f"gptq-{suffix}"), "wikitext2") else None
+        if d is None:
+            continue
+        if g is not None and _full_ppl(d, "wikitext2"):
+            a, b, how = _full_ppl(d, "wikitext2"), _full_ppl(g, "wikitext2"), "full WikiText-2 test split"
+        else:  # compare on the common prefix with the CPU GPTQ run of the same setting
+            g = cpu.get(f"gptq-c4-{suffix}")
+            m_d, m_g = (x.get("metrics", {}).get("wikitext2") if x else None for x in (d, g))
+            if not (m_d and m_g and _ppl_prefix(m_d, PREFIX) and _ppl_prefix(m_g, PREFIX)):
+                continue
+            a, b, how = _ppl_prefix(m_d, PREFIX), _ppl_prefix(m_g, PREFIX), f"first {PREFIX} WikiText-2 windows"
+        w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} ({how}), data-free QAT "
+             f"{'better' if a < b else 'worse'} by {abs(a / b - 1) * 100:.1f}%")
+        if g_cpu:
+            w += (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time (data generation included; "
+                  f"goal: at most 3x)")
+        words.append(w)
     table = "\n".join(out)
-    # the verdict, worded from the rows
-    words = []
-    d, g = cpu.get("dfqat-w3-g128") or cpu.get("dfqat-tiled-w3-g128"), gpu.get("gptq-w3-g128")
-    if d and g and _full_ppl(d, "wikitext2") and _full_ppl(g, "wikitext2"):
-        a, b = _full_ppl(d, "wikitext2"), _full_ppl(g, "wikitext2")
-        words.append(f"{d['label']} (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} on the full WikiText-2 test "
-                     f"split: data-free QAT is {'better' if a < b else 'worse'} by {abs(a / b - 1) * 100:.1f}%")
-    if d and g_cpu:
-        words.append(f"its wall time is {d['quant_wall_s'] / g_cpu['quant_wall_s']:.2f}x GPTQ's on the same CPU "
-                     f"(goal: at most 3x)")
     verdict = ("\n\nVerdict (generated from the rows above): " + "; ".join(words) + ".") if words else ""
+    if gptq_ref_used:
+        verdict += (" Where a setting has no CPU GPTQ run of its own, its time ratio uses another setting's CPU "
+                    "GPTQ run: GPTQ's cost (Hessians, Cholesky, column sweep) does not depend on the bit-width.")
     ptab = ""
     if probes:
         rows = ["| probe | settings | tile 1 rel. MSE before -> after | PTB ppl (tuning set) | quant wall s |",
@@ -639,9 +684,13 @@ def dfqat_smollm2_section() -> str:
                 rows.append(f"| {r['label']} | {ex} | {tile} | {r['ptb_ppl']:.2f} ({r['tuning_set']['windows']} "
                             f"windows) | {r['quant_wall_s']:.0f} |")
         ptab = "\n".join(rows)
-    return table + verdict + f"\n\nProvenance (CPU rows): {provenance(list(cpu.values()))}." + (
-        "\n\nThe learning-rate and tile-loss probes (int3 g128, 128 x 256 generated ids; PTB is the tuning set, "
-        "never reported elsewhere; " + provenance(probes) + "):\n\n" + ptab if ptab else "")
+    cmds = _commands(sorted(cpu.values(), key=lambda r: r.get("date", "")))
+    pcmds = _commands(sorted(probes, key=lambda r: r.get("date", "")))
+    return ("The commands that made these rows (as recorded in each result):\n\n```\n" + cmds + "\n```\n\n"
+            + table + verdict + f"\n\nProvenance (CPU rows): {provenance(list(cpu.values()))}." + (
+                "\n\nThe learning-rate and tile-loss probes (int3 g128, 128 x 256 generated ids; PTB is the tuning "
+                "set, never reported elsewhere; " + provenance(probes) + "):\n\n```\n" + pcmds + "\n```\n\n"
+                + ptab if ptab else ""))
 
 
 def dfqat_ablations_section() -> str:
@@ -991,26 +1040,23 @@ groups (`--opt gptq_static_groups=true`, llm-compressor's choice).
 
 ## SmolLM2-135M: data-free QAT (issue 4)
 
-`--method dfqat` on SmolLM2-135M at int3 g128 (asymmetric, ragged last group on the 576-wide rows; every
-Linear of the 30 decoder blocks; embeddings and head in float), trained on 128 sequences of 256 tokens that
-the float model wrote itself from an empty prompt (`--calib self`): **no real text**. No GPU was lent to
-the session that ran these rows, so they ran on the 2-core CPU machine, one thread each, two processes at a
-time; GPTQ was timed there too (C4, GPTQ's own 128 x 2048 calibration) for the time ratio, and its
-perplexity is also given from the H100 run of the PTQ table (same code, full split). WikiText-2 on the full
-split for the dfqat rows; C4 on its first 40 windows (a CPU budget), so every row is also compared on the
-first 40 windows of both sets. Learning rates for this model (tile stage 3e-4 for weights and quantizer,
-end-to-end 1e-4) come from the probes below on PTB, a set no table reports; the grid's SmolLM2 rows name
-them (`ptq_grid.SMOL_DFQAT`).
-
-```
-OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model smollm2-135m --grid dfqat-smollm2 --only dfqat-w3-g128 --datasets wikitext2,c4 --windows-for c4=40 --calib self --nsamples 128 --calib-seqlen 256 --device cpu --ckpt runs/ck_smol --out results/dfqat_smollm2_cpu
-OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model smollm2-135m --grid dfqat-smollm2 --only dfqat-tiled-w3-g128 --datasets wikitext2,c4 --windows-for c4=40 --calib self --nsamples 128 --calib-seqlen 256 --device cpu --ckpt runs/ck_smol --out results/dfqat_smollm2_cpu
-OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model smollm2-135m --grid dfqat-smollm2 --only gptq-c4-w3-g128 --datasets wikitext2,c4 --windows-for wikitext2=40,c4=40 --device cpu --out results/dfqat_smollm2_cpu
-lowbit gen-data smollm2-135m --out runs/smol_gen_128x256 --n-sequences 128 --seq-len 256 --batch-size 32 --seed 0
-OMP_NUM_THREADS=1 python benchmarks/dfqat_probe.py tile --data runs/smol_gen_128x256 --lrs 1e-3,1e-4,3e-4 --out results/dfqat_lr_probe_smollm2
-OMP_NUM_THREADS=1 python benchmarks/dfqat_probe.py full --data runs/smol_gen_128x256 --opt dfqat_e2e_steps=0 --opt dfqat_lr=3e-4 --opt dfqat_q_lr=3e-4 --opt dfqat_tile_loss=l1 --label tiled-lr3e-4-l1 --out results/dfqat_lr_probe_smollm2
-OMP_NUM_THREADS=1 python benchmarks/dfqat_probe.py full --data runs/smol_gen_128x256 --opt dfqat_e2e_steps=0 --opt dfqat_lr=3e-4 --opt dfqat_q_lr=3e-4 --opt dfqat_tile_loss=l2 --label tiled-lr3e-4-l2 --out results/dfqat_lr_probe_smollm2
-```
+`--method dfqat` on SmolLM2-135M (asymmetric integer weights; groups of 128 or 64 along the input, the last
+group ragged on the 576-wide rows, or one scale per output channel; every Linear of the 30 decoder blocks;
+embeddings and head in float), trained on 128 sequences of 256 tokens that the float model wrote itself from
+an empty prompt (`--calib self`): **no real text**. `dfqat` is tiled + end-to-end (the default pipeline),
+`dfqat-tiled` the tiles only, `dfqat-e2e` end-to-end distillation only. No GPU was lent to the sessions that
+ran these rows, so they ran on the 2-core CPU machine, one thread each, two processes at a time (one dfqat
+and one GPTQ run side by side, so both saw the same load); GPTQ was timed there (C4, its own 128 x 2048
+calibration) for the time ratio, which counts each method's data too: dfqat's self-generation (`data s`)
+and GPTQ's reading of C4. RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
+(same code, full split). WikiText-2 on the full split for the headline dfqat rows, C4 on its first 40
+windows (a CPU budget), so every row is also compared on the first 40 windows of both sets. Learning rates
+for this model (tile stage 3e-4 for weights and quantizers, end-to-end 1e-4) come from the probes below on
+PTB, a set no table reports; the grid's SmolLM2 rows name them (`ptq_grid.SMOL_DFQAT`). The probes read
+ids made once with
+`lowbit gen-data smollm2-135m --out runs/smol_gen_128x256 --n-sequences 128 --seq-len 256 --batch-size 32 --seed 0`.
+Peak memory is the process's resident peak; dfqat's comes from end-to-end distillation, which holds the
+teacher's and the student's logits over the 49k vocabulary for a batch.
 
 {dfqat_smollm2_section()}
 

@@ -19,6 +19,11 @@ padding (LLM-QAT's ``batchmean`` and BitDistiller's sum over tokens scale with l
 Invalid tokens are dropped before anything is computed, so garbage or NaN logits there cannot leak into
 the loss or its gradient. No valid token: 0.
 
+**Memory**: the per-token divergences are computed :data:`KD_CHUNK` tokens at a time, each chunk under
+activation checkpointing when the student needs a gradient, so the float32 softmax intermediates
+(several ``tokens x V`` tensors; ~200 MB each for 1024 tokens of a 49k vocabulary) exist for one chunk
+only, in the forward and in the backward pass. Only the logits and their gradient are full size.
+
 **Gradients** reach the student only: teacher tensors are detached.
 
 **Top-K teacher** (:func:`kd_loss_topk`): a generated dataset stores, per token, the teacher's K largest
@@ -49,12 +54,15 @@ comparable across layers of different scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 KD_KINDS = ("fkl", "rkl", "jsd")
+KD_CHUNK = 256  # tokens per chunk of the logit losses (see Memory above)
 TAILS = ("bucket", "renorm")
 HIDDEN_KINDS = ("l2", "l1")
 
@@ -96,6 +104,20 @@ def _token_mean(per_token: Tensor) -> Tensor:
     return per_token.sum() / max(per_token.numel(), 1)
 
 
+def _chunked_mean(fn: Callable[..., Tensor], *rows: Tensor, chunk: int | None = None) -> Tensor:
+    """Token mean of ``fn(*row_slices)`` (per-token values) over the rows of ``rows``, ``chunk`` rows at a time;
+    checkpointed chunks when a gradient is needed, so only one chunk's intermediates are alive at once."""
+    n, chunk = rows[0].shape[0], chunk or KD_CHUNK
+    if n <= chunk:
+        return _token_mean(fn(*rows))
+    grad = torch.is_grad_enabled() and any(r.requires_grad for r in rows)
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    for a in range(0, n, chunk):
+        part = [r[a:a + chunk] for r in rows]
+        val = checkpoint(lambda *x: fn(*x).sum(), *part, use_reentrant=False) if grad else fn(*part).sum()
+        total = total + val
+    return total / n
+
 def _check(kind: str, temperature: float) -> None:
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD loss {kind!r}; choose one of {KD_KINDS}")
@@ -114,10 +136,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, kind: str = "fkl", t
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape")
     keep = _valid(mask, student_logits.shape[:-1])
-    s = _rows(student_logits, keep).float() / temperature
-    t = _rows(teacher_logits.detach(), keep).float() / temperature
-    per_token = divergence(F.log_softmax(t, -1), F.log_softmax(s, -1), kind)
-    return _token_mean(per_token) * temperature**2
+    s, t = _rows(student_logits, keep), _rows(teacher_logits.detach(), keep)
+
+    def per_token(s: Tensor, t: Tensor) -> Tensor:
+        return divergence(F.log_softmax(t.float() / temperature, -1), F.log_softmax(s.float() / temperature, -1),
+                          kind)
+
+    return _chunked_mean(per_token, s, t) * temperature**2
 
 
 def kd_loss_topk(student_logits: Tensor, topk_values: Tensor, topk_indices: Tensor, logsumexp: Tensor | None,
@@ -137,15 +162,16 @@ def kd_loss_topk(student_logits: Tensor, topk_values: Tensor, topk_indices: Tens
         raise ValueError(f"top-K values {tuple(topk_values.shape)} and indices {tuple(topk_indices.shape)} do not "
                          f"fit student logits {tuple(student_logits.shape)}")
     keep = _valid(mask, lead)
-    s = _rows(student_logits, keep).float() / temperature
+    s = _rows(student_logits, keep)
     idx = _rows(topk_indices, keep).long().to(s.device)
     z = _rows(topk_values.detach(), keep).float().to(s.device)
-    log_q = F.log_softmax(s, -1)
-    log_q_k = log_q.gather(-1, idx)
     if tail == "renorm":
-        log_p = F.log_softmax(z / temperature, -1)
-        per_token = divergence(log_p, log_q_k - torch.logsumexp(log_q_k, -1, keepdim=True), kind)
-        return _token_mean(per_token) * temperature**2
+        def renorm(s: Tensor, idx: Tensor, z: Tensor) -> Tensor:
+            log_q_k = F.log_softmax(s.float() / temperature, -1).gather(-1, idx)
+            return divergence(F.log_softmax(z / temperature, -1),
+                              log_q_k - torch.logsumexp(log_q_k, -1, keepdim=True), kind)
+
+        return _chunked_mean(renorm, s, idx, z) * temperature**2
     if temperature != 1:
         raise ValueError("tail='bucket' needs temperature 1 (the stored logsumexp is the T=1 one); "
                          "use tail='renorm' for another temperature")
@@ -157,13 +183,18 @@ def kd_loss_topk(student_logits: Tensor, topk_values: Tensor, topk_indices: Tens
     if keep is not None:
         lse = lse[keep.to(lse.device)]
     log_p_k = z - lse.float().to(s.device)
-    if K == V:  # no rest: the top-K is the whole vocabulary
-        return _token_mean(divergence(log_p_k, log_q_k, kind))
-    rest = (1 - log_p_k.double().exp().sum(-1, keepdim=True)).clamp_min(0)
-    log_p_rest = rest.clamp_min(torch.finfo(torch.float32).tiny).log().float()
-    log_q_rest = torch.logsumexp(log_q.scatter(-1, idx, -math.inf), -1, keepdim=True)
-    per_token = divergence(torch.cat([log_p_k, log_p_rest], -1), torch.cat([log_q_k, log_q_rest], -1), kind)
-    return _token_mean(per_token)
+
+    def bucket(s: Tensor, idx: Tensor, log_p_k: Tensor) -> Tensor:
+        log_q = F.log_softmax(s.float(), -1)
+        log_q_k = log_q.gather(-1, idx)
+        if K == V:  # no rest: the top-K is the whole vocabulary
+            return divergence(log_p_k, log_q_k, kind)
+        rest = (1 - log_p_k.double().exp().sum(-1, keepdim=True)).clamp_min(0)
+        log_p_rest = rest.clamp_min(torch.finfo(torch.float32).tiny).log().float()
+        log_q_rest = torch.logsumexp(log_q.scatter(-1, idx, -math.inf), -1, keepdim=True)
+        return divergence(torch.cat([log_p_k, log_p_rest], -1), torch.cat([log_q_k, log_q_rest], -1), kind)
+
+    return _chunked_mean(bucket, s, idx, log_p_k)
 
 
 def hidden_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "l2", normalize: bool = True,
@@ -188,4 +219,4 @@ def hidden_loss(student_h: Tensor, teacher_h: Tensor, kind: str = "l2", normaliz
     return loss
 
 
-__all__ = ["KD_KINDS", "kd_loss", "kd_loss_topk", "hidden_loss", "divergence"]
+__all__ = ["KD_KINDS", "KD_CHUNK", "kd_loss", "kd_loss_topk", "hidden_loss", "divergence"]
