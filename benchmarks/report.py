@@ -684,10 +684,24 @@ def dfqat_smollm2_section() -> str:
                 rows.append(f"| {r['label']} | {ex} | {tile} | {r['ptb_ppl']:.2f} ({r['tuning_set']['windows']} "
                             f"windows) | {r['quant_wall_s']:.0f} |")
         ptab = "\n".join(rows)
+    mem = _load(RES / "dfqat_memory_smollm2")
+    mtab = ""
+    if mem:
+        st = mem[0]["settings"]
+        rows = ["| end-to-end stage | peak RSS MiB | after loading MiB | s / step | losses |", "|---|---|---|---|---|"]
+        for r in sorted(mem, key=lambda r: r["dfqat_grad_ckpt"]):
+            rows.append(f"| activation checkpointing {'on' if r['dfqat_grad_ckpt'] else 'off'} | "
+                        f"{r['peak_rss_mib']:.0f} | {r['peak_rss_after_load_mib']:.0f} | {r['seconds_per_step']:.1f} | "
+                        f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+        mtab = (f"\n\nMemory of the end-to-end stage (dfqat's peak: the whole model trains), with and without "
+                f"`--opt dfqat_grad_ckpt=true`: {st['model']} {st['weights']}, {st['steps']} steps of "
+                f"{st['batch']} x {st['seqlen']} seeded random ids, one process per row, CPU, one thread "
+                f"({provenance(mem)}; `{_commands(mem[:1])}`). The losses must match: checkpointing recomputes, "
+                f"it does not approximate. The rows above ran with it off.\n\n" + "\n".join(rows))
     cmds = _commands(sorted(cpu.values(), key=lambda r: r.get("date", "")))
     pcmds = _commands(sorted(probes, key=lambda r: r.get("date", "")))
     return ("The commands that made these rows (as recorded in each result):\n\n```\n" + cmds + "\n```\n\n"
-            + table + verdict + f"\n\nProvenance (CPU rows): {provenance(list(cpu.values()))}." + (
+            + table + verdict + f"\n\nProvenance (CPU rows): {provenance(list(cpu.values()))}." + mtab + (
                 "\n\nThe learning-rate and tile-loss probes (int3 g128, 128 x 256 generated ids; PTB is the tuning "
                 "set, never reported elsewhere; " + provenance(probes) + "):\n\n```\n" + pcmds + "\n```\n\n"
                 + ptab if ptab else ""))

@@ -97,7 +97,9 @@ LLM-QAT and EfficientQAT use 1e-5 to 2e-5) needs smaller rates.
   ``dfqat_tile_loss`` (l1 | l2), ``dfqat_tile_input`` (fp | quant);
 * ``dfqat_e2e_steps`` (75; 0 = off; first: 100), ``dfqat_e2e_batch`` (= dfqat_batch), ``dfqat_e2e_lr`` (3e-4),
   ``dfqat_e2e_q_lr`` (1e-4), ``dfqat_kd`` (fkl | rkl | jsd), ``dfqat_kd_temp`` (1), ``dfqat_teacher``
-  (model | topk), ``dfqat_clip`` (1.0);
+  (model | topk), ``dfqat_clip`` (1.0), ``dfqat_grad_ckpt`` (false: activation checkpointing of every
+  decoder block end to end, which keeps one block's activations instead of all of them, for about one more
+  forward pass per step);
 * ``dfqat_min_lr`` (0.05, end of the cosine schedule as a fraction), ``dfqat_samples`` (all),
   ``dfqat_data`` (folder), ``dfqat_ckpt`` (folder), ``dfqat_save_every`` (50), ``dfqat_retries`` (3).
 """
@@ -154,6 +156,7 @@ DEFAULTS = {
     "dfqat_kd_temp": 1.0,
     "dfqat_teacher": "model",  # model (full forward pass) or topk (the logits stored in dfqat_data)
     "dfqat_clip": 1.0,  # gradient-norm clipping of the end-to-end stage (0: off)
+    "dfqat_grad_ckpt": False,  # end to end: recompute each block's activations in the backward pass (memory)
     "dfqat_min_lr": 0.05,  # the cosine schedule ends at this fraction of the learning rate
     "dfqat_samples": None,  # use only the first n training sequences
     "dfqat_data": None,  # folder of lowbit.datafree.generate_dataset (takes precedence over calib)
@@ -182,6 +185,8 @@ def settings(cfg: QuantConfig) -> dict:
     for k in ("dfqat_clip", "dfqat_min_lr"):
         if isinstance(o[k], bool) or not isinstance(o[k], (int, float)) or not 0 <= o[k] < math.inf:
             raise ValueError(f"{k} must be a number >= 0, got {o[k]!r}")
+    if not isinstance(o["dfqat_grad_ckpt"], bool):
+        raise ValueError(f"dfqat_grad_ckpt must be true or false, got {o['dfqat_grad_ckpt']!r}")
     if o["dfqat_min_lr"] > 1:
         raise ValueError(f"dfqat_min_lr is a fraction of the learning rate in [0, 1], got {o['dfqat_min_lr']!r}")
     from .distill import KD_KINDS
@@ -764,6 +769,24 @@ def _tiled_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, opts: dict, 
                  entry["seconds"])
 
 
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, on: bool = True):
+    """Activation checkpointing of every decoder block (architecture-agnostic: each block's ``forward`` is
+    wrapped, then restored). Inside, a block keeps only its inputs for the backward pass and recomputes the
+    rest there, with the same random state (noise-injecting quantizers draw the same noise)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(blocks_of(model)) if on else []
+    for blk in blocks:
+        fwd = blk.forward
+        blk.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(fwd)
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            del blk.forward  # back to the class's forward
+
+
 def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: dict, seed: int, ck: _Checkpoint,
                progress: bool, penalty: Penalty | None = None, label: str = "e2e") -> dict:
     """End-to-end distillation (module docstring); ``penalty(model, step, steps)`` is added to each loss."""
@@ -805,7 +828,7 @@ def _e2e_stage(model: nn.Module, teacher: nn.Module, ids: Tensor, data, opts: di
     step_loss = _data_parallel(model, loss_at, penalty is not None)  # DDP over the model (several processes)
     bar = tqdm(total=steps, initial=start, desc=f"dfqat {label}", disable=not progress, unit="step")
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointed_blocks(model, opts["dfqat_grad_ckpt"]):
             st = _train("end-to-end", groups, steps, step_loss, opts, clip=opts["dfqat_clip"], start=start,
                         lr_scale=prev.get("lr_scale", 1.0), retries=prev.get("retries", 0),
                         skipped=prev.get("skipped", 0),

@@ -10,6 +10,7 @@ import torch
 import lowbit.dfqat as dfqat
 from conftest import needs_shared, tiny_model
 from lowbit.config import QuantConfig, parse_spec
+from lowbit.models import blocks as blocks_of
 from lowbit.qmodules import QuantLinear
 from lowbit.quantize import quantize_model
 from lowbit.quantizer import dequantize, quantize
@@ -75,6 +76,28 @@ def test_tiled_only_and_e2e_only():
     # "quant" tile inputs and the L2 loss run too
     other = _run(dfqat_e2e_steps=0, dfqat_tile_input="quant", dfqat_tile_loss="l2")
     assert other.dfqat_report["tiles"][1]["loss_last"] < other.dfqat_report["tiles"][1]["loss_first"]
+
+
+def test_activation_checkpointing_changes_memory_not_results(monkeypatch):
+    """dfqat_grad_ckpt=true: every block's forward runs under torch.utils.checkpoint end to end, the trained
+    model is the same as without it, and the blocks' own forwards are back afterwards."""
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = _run(dfqat_tile_steps=0)
+    assert not calls
+    ck = _run(dfqat_tile_steps=0, dfqat_grad_ckpt=True)
+    n_blocks = len(list(blocks_of(ck)))
+    assert len(calls) == n_blocks * 4  # 4 end-to-end steps, one checkpointed call per block each
+    assert all("forward" not in vars(b) for b in blocks_of(ck))
+    sa, sb = plain.state_dict(), ck.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="dfqat_grad_ckpt must be true or false"):
+        _run(dfqat_grad_ckpt="yes")
 
 
 @needs_shared
