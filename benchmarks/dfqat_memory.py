@@ -45,7 +45,7 @@ def child(args) -> dict:
     t0 = time.time()
     quantize_model(model, cfg, calib=ids, progress=False)
     e2e = model.dfqat_report["e2e"]
-    return {"setting": f"grad_ckpt={args.child}", "dfqat_grad_ckpt": args.child == "on",
+    return {"setting": f"grad_ckpt={args.child}", "seed": args.seed, "dfqat_grad_ckpt": args.child == "on",
             "peak_rss_mib": _rss_peak_mib(), "peak_rss_after_load_mib": after_load,
             "quant_wall_s": time.time() - t0, "e2e_seconds": e2e["seconds"],
             "seconds_per_step": e2e["seconds"] / max(args.steps, 1), "losses": e2e["losses"],

@@ -697,7 +697,7 @@ def dfqat_smollm2_section() -> str:
                 f"`--opt dfqat_grad_ckpt=true`: {st['model']} {st['weights']}, {st['steps']} steps of "
                 f"{st['batch']} x {st['seqlen']} seeded random ids, one process per row, CPU, one thread "
                 f"({provenance(mem)}; `{_commands(mem[:1])}`). The losses must match: checkpointing recomputes, "
-                f"it does not approximate. The rows above ran with it off.\n\n" + "\n".join(rows))
+                f"it does not approximate. The rows above ran with it off. The times were taken while other jobs shared the 2 cores: the extra forward pass costs time in principle; here it was lost in the noise.\n\n" + "\n".join(rows))
     cmds = _commands(sorted(cpu.values(), key=lambda r: r.get("date", "")))
     pcmds = _commands(sorted(probes, key=lambda r: r.get("date", "")))
     return ("The commands that made these rows (as recorded in each result):\n\n```\n" + cmds + "\n```\n\n"
