@@ -660,6 +660,10 @@ def dfqat_smollm2_section() -> str:
             a, b, how = _ppl_prefix(m_d, PREFIX), _ppl_prefix(m_g, PREFIX), f"first {PREFIX} WikiText-2 windows"
         w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} ({how}), data-free QAT "
              f"{'better' if a < b else 'worse'} by {abs(a / b - 1) * 100:.1f}%")
+        fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
+            _ppl_prefix(gpu["fp"]["metrics"]["wikitext2"], PREFIX) if "fp" in gpu else None)
+        if fp and a > 5 * fp:
+            w += f" (both far from the float model's {fp:.2f}: at this width the model breaks, dfqat less)"
         if g_cpu:
             w += (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time (data generation included; "
                   f"goal: at most 3x)")
@@ -1062,7 +1066,9 @@ an empty prompt (`--calib self`): **no real text**. `dfqat` is tiled + end-to-en
 ran these rows, so they ran on the 2-core CPU machine, one thread each, two processes at a time (one dfqat
 and one GPTQ run side by side, so both saw the same load); GPTQ was timed there (C4, its own 128 x 2048
 calibration) for the time ratio, which counts each method's data too: dfqat's self-generation (`data s`)
-and GPTQ's reading of C4. RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
+and GPTQ's reading of C4. During the int2 g64 pair, short jobs (the test suite, the memory benchmark and the
+tile probes below, ~25 minutes in all) put a third process on the two cores for stretches of both runs
+(compare GPTQ's quant wall times at int3 g128 and int2 g64 in the table). RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
 (same code, full split). WikiText-2 on the full split for the headline dfqat rows, C4 on its first 40
 windows (a CPU budget), so every row is also compared on the first 40 windows of both sets. Learning rates
 for this model (tile stage 3e-4 for weights and quantizers, end-to-end 1e-4) come from the probes below on
