@@ -632,7 +632,8 @@ def dfqat_smollm2_section() -> str:
         g_cpu = cpu.get(f"gptq-c4-{suffix}") or next(
             (cpu[k] for k in cpu if k.startswith("gptq-c4-") and k.endswith(("g128", "g64"))), None)
         gptq_ref_used |= g_cpu is not None and g_cpu["label"] != f"gptq-c4-{suffix}"
-        ref = [gpu.get(f"rtn-{suffix}") or rtn.get(rtn_label), gpu.get(f"gptq-{suffix}"), gpu.get(f"awq-{suffix}")]
+        ref = [gpu.get(f"rtn-{suffix}") or rtn.get(rtn_label), gpu.get(f"gptq-{suffix}"),
+               gpu.get(f"gptq-noact-{suffix}"), gpu.get(f"awq-{suffix}")]
         rows = ([gpu["fp"]] if "fp" in gpu and len(out) == 2 else []) + [r for r in ref if r] + mine
         for r in rows:
             is_cpu = r is cpu.get(r["label"])
@@ -645,21 +646,38 @@ def dfqat_smollm2_section() -> str:
                 _f(r.get("quant_wall_s"), 0), _f(_data_seconds(r), 0) if is_cpu else "–", ratio,
                 _f(r.get("peak_memory_mb"), 0) if r.get("peak_memory_mb", 0) < 1e4 else f"{r['peak_memory_mb']:.0f}",
             ]) + " |")
-        # the verdict, worded from the rows: the combined pipeline against C4-calibrated GPTQ
+        # the verdict, worded from the rows: the combined pipeline against C4-calibrated GPTQ (act-order on the
+        # H100, act-order on the CPU, then without act-order), on the full split when both have it, else the prefix
         d = cpu.get(f"dfqat-{suffix}")
-        g = gpu.get(f"gptq-{suffix}") if _full_ppl(gpu.get(f"gptq-{suffix}"), "wikitext2") else None
         if d is None:
             continue
-        if g is not None and _full_ppl(d, "wikitext2"):
+        cands = [x for x in (gpu.get(f"gptq-{suffix}"), cpu.get(f"gptq-c4-{suffix}"),
+                             gpu.get(f"gptq-noact-{suffix}")) if x]
+        full = [x for x in cands if _full_ppl(x, "wikitext2")] if _full_ppl(d, "wikitext2") else []
+        pre = [x for x in cands if _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)]
+        if full:
+            g = full[0]
             a, b, how = _full_ppl(d, "wikitext2"), _full_ppl(g, "wikitext2"), "full WikiText-2 test split"
-        else:  # compare on the common prefix with the CPU GPTQ run of the same setting
-            g = cpu.get(f"gptq-c4-{suffix}")
-            m_d, m_g = (x.get("metrics", {}).get("wikitext2") if x else None for x in (d, g))
-            if not (m_d and m_g and _ppl_prefix(m_d, PREFIX) and _ppl_prefix(m_g, PREFIX)):
-                continue
-            a, b, how = _ppl_prefix(m_d, PREFIX), _ppl_prefix(m_g, PREFIX), f"first {PREFIX} WikiText-2 windows"
-        w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} ({how}), data-free QAT "
-             f"{'better' if a < b else 'worse'} by {abs(a / b - 1) * 100:.1f}%")
+        elif pre and _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX):
+            g = pre[0]
+            a, b = _ppl_prefix(d["metrics"]["wikitext2"], PREFIX), _ppl_prefix(g["metrics"]["wikitext2"], PREFIX)
+            how = f"first {PREFIX} WikiText-2 windows"
+        else:
+            continue
+        w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} (`{g['label']}`, "
+             f"{_device_cell(g)}; {how}), data-free QAT {'better' if a < b else 'worse'} by "
+             f"{abs(a / b - 1) * 100:.1f}%")
+        # the best PTQ row of this setting on the same basis (it may be RTN: GPTQ without act-order can be worse)
+        ptq = [x for x in rows if x["method"] not in ("fp", "dfqat")]
+        val = (lambda x: _full_ppl(x, "wikitext2")) if full else (
+            lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX))
+        scored = [(val(x), x) for x in ptq if val(x)]
+        if scored:
+            v, best = min(scored, key=lambda t: t[0])
+            if best is not g:
+                name = best["label"] if best is cpu.get(best["label"]) else f"{best['method']}-{suffix}"
+                w += (f"; the best PTQ row of this setting is `{name}` ({_device_cell(best)}) at {v:.2f}: dfqat "
+                      f"{'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
         fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
             _ppl_prefix(gpu["fp"]["metrics"]["wikitext2"], PREFIX) if "fp" in gpu else None)
         if fp and a > 5 * fp:
@@ -669,9 +687,9 @@ def dfqat_smollm2_section() -> str:
                   f"goal: at most 3x)")
         words.append(w)
     table = "\n".join(out)
-    verdict = ("\n\nVerdict (generated from the rows above): " + "; ".join(words) + ".") if words else ""
+    verdict = ("\n\nVerdict (generated from the rows above):\n\n" + "\n".join(f"- {w}." for w in words)) if words else ""
     if gptq_ref_used:
-        verdict += (" Where a setting has no CPU GPTQ run of its own, its time ratio uses another setting's CPU "
+        verdict += ("\n\nWhere a setting has no CPU GPTQ run of its own, its time ratio uses another setting's CPU "
                     "GPTQ run: GPTQ's cost (Hessians, Cholesky, column sweep) does not depend on the bit-width.")
     ptab = ""
     if probes:
