@@ -290,8 +290,10 @@ def kv_section(folder: str = "kv_stories260k", grid: str = "kv-stories260k", dat
 _PARTS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _mixed_plots(rows: list[dict], folder: Path, dataset: str) -> list[str]:
-    """PNGs: perplexity vs real bits/param (mixed vs uniform), and where the bits went in each mixed run."""
+def _mixed_plots(rows: list[dict], folder: Path, dataset: str, ppl=None, ylabel: str | None = None) -> list[str]:
+    """PNGs: perplexity vs real bits/param (mixed vs uniform), and where the bits went in each mixed run.
+    ``ppl(record)`` scores a row (default: its whole ``dataset`` metric)."""
+    ppl = ppl or (lambda r: r["metrics"][dataset]["ppl"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,16 +302,16 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str) -> list[str]:
     out = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*")):
-        pts = sorted((r["bits"]["blocks_bits_per_param"], r["metrics"][dataset]["ppl"]) for r in rows
-                     if r["method"] == method and "noprune" not in r["label"])
+        pts = sorted((r["bits"]["blocks_bits_per_param"], ppl(r)) for r in rows
+                     if r["method"] == method and "noprune" not in r["label"] and ppl(r))
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=method if method != "mixed" else "mixed (learned widths)")
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp:
-        ax.axhline(fp["metrics"][dataset]["ppl"], color="gray", ls=":", label="float")
+        ax.axhline(ppl(fp), color="gray", ls=":", label="float")
     ax.set_yscale("log")
     ax.set_xlabel("bits per parameter, decoder blocks (all metadata)")
-    ax.set_ylabel(f"{dataset} perplexity")
+    ax.set_ylabel(ylabel or f"{dataset} perplexity")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -350,13 +352,14 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str) -> list[str]:
     return out
 
 
-def _mixed_verdict(by: dict, dataset: str) -> str:
-    """The issue's goals and the same-size comparisons, stated from the records (nothing typed in by hand)."""
-    def ppl(r):
-        return r["metrics"][dataset]["ppl"]
+def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
+    """The issue's goals and the same-size comparisons, stated from the records (nothing typed in by hand).
+    ``ppl(record)`` scores a row (default: its whole ``dataset`` metric)."""
+    ppl = ppl or (lambda r: r["metrics"][dataset]["ppl"])
 
     def best(b: int):
         rs = [by[f"{m}-w{b}-channel"] for m in ("rtn", "gptq", "dfqat") if f"{m}-w{b}-channel" in by]
+        rs = [r for r in rs if ppl(r)]
         return min(rs, key=ppl) if rs else None
 
     def cmp(mixed_label: str, b: int, what: str) -> str | None:
@@ -467,6 +470,76 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
     missing = [lab for lab in labels if lab not in by]
     note = f"\n\nNot run yet ({len(missing)} of {len(labels)} rows): {', '.join(missing)}." if missing else ""
     return "\n".join(out) + table2 + figs + f"\n\nProvenance: {provenance(rows)}." + note
+
+
+SMOL_MIXED = "mixed_smollm2_cpu"
+
+
+def mixed_smollm2_section() -> str:
+    """Issue 5 on SmolLM2-135M: learned mixed precision (CPU rows) against the uniform per-channel rows of every
+    run (RTN on the H100, GPTQ and dfqat on the CPU), compared on the first PREFIX WikiText-2 windows."""
+    mixed = _load(RES / SMOL_MIXED)
+    if not mixed:
+        return "_no results yet_"
+    gpu = {r["label"]: r for r in _load(RES / "ptq_smollm2")}
+    rtn = {r["label"]: r for r in _load(RES / "rtn_smollm2_gpu")}
+    dfq = {r["label"]: r for r in _load(RES / SMOL_DFQAT)}
+    # one label per row: the grid's names (rtn-wB-channel, gptq-wB-channel, dfqat-wB-channel, mixed-T)
+    by: dict[str, dict] = {}
+    if "fp" in gpu:
+        by["fp"] = gpu["fp"]
+    for b in (2, 3, 4):
+        if f"int{b}-channel-asym" in rtn:
+            by[f"rtn-w{b}-channel"] = dict(rtn[f"int{b}-channel-asym"], label=f"rtn-w{b}-channel")
+    for r in [*dfq.values(), *mixed]:
+        lab = r["label"]
+        if lab.endswith("-channel") or r["method"] == "mixed":
+            key = lab.replace("gptq-c4-", "gptq-")
+            if key not in by or r in mixed:  # a row of the mixed run wins over an older one
+                by[key] = dict(r, label=key)
+
+    def ppl(r: dict) -> float | None:
+        return _ppl_prefix(r["metrics"].get("wikitext2", {}), PREFIX)
+
+    order = sorted(by, key=lambda k: (k != "fp", by[k]["bits"]["blocks_bits_per_param"] if k != "fp" else 0, k))
+    head = ["row", "method", "training / calibration data", "device", "bits/param blocks", "bits/param model",
+            "wikitext2 ppl (full)", f"wikitext2 ppl, first {PREFIX}", f"c4 ppl, first {PREFIX}", "quant wall s",
+            "peak MiB"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in order:
+        r = by[k]
+        out.append("| " + " | ".join([
+            k, r["method"], _calib_cell(r) if r["method"] not in ("rtn", "fp") else "none", _device_cell(r),
+            _f(r["bits"]["blocks_bits_per_param"], 3) if r.get("config") else "32",
+            _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32",
+            _f(_full_ppl(r, "wikitext2")), _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
+            _f(r.get("quant_wall_s"), 0), _f(r.get("peak_memory_mb"), 0)]) + " |")
+    parts = []
+    for k in order:
+        bm = (by[k].get("mixed_report") or {}).get("bit_map")
+        if not bm:
+            continue
+        cells = [k]
+        for p in _PARTS:
+            vs = [v for name, v in bm.items() if name.endswith("." + p)]
+            bits = sum(v["bits"] for v in vs) / max(1, sum(v["params"] for v in vs))
+            pr = sum(v["pruned_rows"] for v in vs)
+            cells.append(f"{bits:.2f}" + (f" ({pr} rows pruned)" if pr else "") if vs else "")
+        parts.append("| " + " | ".join(cells) + " |")
+    table2 = ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
+              "pruned rows):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1) + "\n"
+              + "\n".join(parts)) if parts else ""
+    verdict = _mixed_verdict(by, "wikitext2", ppl=ppl)
+    rows = list(by.values())
+    pngs = _mixed_plots(rows, RES / SMOL_MIXED, "wikitext2", ppl=ppl,
+                        ylabel=f"WikiText-2 perplexity, first {PREFIX} windows")
+    figs = "\n\n" + "\n".join(f"![{p}](results/{SMOL_MIXED}/{p})" for p in pngs) if pngs else ""
+    cmds = _commands(sorted([r for r in rows if r["method"] != "fp" and "cpu" in r.get("device", "").lower()],
+                            key=lambda r: r.get("date", "")))
+    return ("The commands that made the CPU rows (as recorded in each result; the RTN rows and the float row come "
+            "from the H100 grids above):\n\n```\n" + cmds + "\n```\n\n" + "\n".join(out) + table2
+            + ("\n\n" + verdict if verdict else "") + figs
+            + f"\n\nProvenance (mixed rows): {provenance(mixed)}.")
 
 
 ABL = "dfqat_ablations_stories260k"
@@ -1143,6 +1216,17 @@ changed since (see the ablations): check out cf7b30a to reproduce this table exa
 taken while other jobs shared the 2 cores: compare them within a row group only loosely.
 
 {mixed_section()}
+
+## SmolLM2-135M: learned per-channel mixed precision (issue 5)
+
+`--method mixed --target-bits B` on SmolLM2-135M (576-wide rows: per-row metadata costs about 0.03
+bits/param, against 0.3 on stories260K), trained on 128 x 256 ids the float model wrote itself (no data),
+with the SmolLM2 dfqat learning rates (tiles 3e-4, end to end 1e-4). Uniform per-channel rows beside it:
+RTN from the H100 RTN grid, GPTQ (C4-calibrated, 128 x 2048) and dfqat from the CPU runs of the issue-4
+section. On the CPU the rows are scored on the first {PREFIX} WikiText-2 windows and the first {PREFIX} C4
+windows; the comparison uses the same {PREFIX} windows for every row.
+
+{mixed_smollm2_section()}
 
 ## stories260K: W4A8KV4, weights, activations and KV cache quantized (issue 4)
 

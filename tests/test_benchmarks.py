@@ -4,6 +4,7 @@ records."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,3 +67,34 @@ def test_grid_run_caps_windows_and_resumes_from_its_checkpoint(tmp_path, monkeyp
 def test_report_sections_render_from_the_committed_records(section):
     text = getattr(report, section)()
     assert isinstance(text, str) and text.strip()
+
+
+def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, monkeypatch):
+    """A mixed row scored on 40 windows is compared with the full-split RTN rows on their first 40 windows, and
+    the goal is worded from the numbers (a mixed row that is better on the prefix but worse on the full split
+    must be called met)."""
+    res = tmp_path / "results"
+    rtn_dir, mixed_dir = res / "rtn_smollm2_gpu", res / "mixed_smollm2_cpu"
+    rtn_dir.mkdir(parents=True)
+    mixed_dir.mkdir(parents=True)
+
+    def record(label, method, bits, nlls, device):
+        m = {"ppl": math.exp(sum(nlls) / len(nlls)), "windows": len(nlls), "windows_total": 148,
+             "window_nlls": nlls}
+        return {"label": label, "method": method, "config": {"weight": {"format": "int3"}, "extra": {}},
+                "bits": {"blocks_bits_per_param": bits, "model_bits_per_param": bits + 2},
+                "metrics": {"wikitext2": m}, "device": device, "command": f"benchmarks/ptq_grid.py --only {label}",
+                "quant_wall_s": 1.0, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0}
+
+    # uniform int3 per-channel: 3.5 nats on the first 40 windows, 1.0 after (full-split ppl lower than the mixed row's)
+    (rtn_dir / "int3-channel-asym.json").write_text(json.dumps(
+        record("int3-channel-asym", "rtn", 3.03, [3.5] * 40 + [1.0] * 108, "cuda (NVIDIA H100)")))
+    (mixed_dir / "mixed-2.5.json").write_text(json.dumps(
+        record("mixed-2.5", "mixed", 2.5, [3.0] * 40, "cpu (x86_64, 1 threads)")))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.mixed_smollm2_section()
+    assert "Goal 2, mixed 2.5 better than uniform 3-bit per-channel" in text
+    assert f"{math.exp(3.0):.2f} vs the best uniform int3 per-channel row (rtn-w3-channel" in text
+    assert f"{math.exp(3.5):.2f}: **met**" in text
+    assert "--only mixed-2.5" in text and "--only int3-channel-asym" not in text  # CPU commands only
+    assert (mixed_dir / "ppl_vs_bits.png").is_file()
