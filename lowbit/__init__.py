@@ -13,6 +13,7 @@ __all__ = [
     "IntFormat", "FloatFormat", "NF4", "PowerOfTwo", "FP8_E4M3", "FP8_E5M2", "FP6_E3M2", "FP6_E2M3", "FP4_E2M1",
     "PerTensor", "PerChannel", "PerGroup", "GGUFBlock", "PerToken", "PEG",
     "load_model", "quantize_model", "evaluate", "size_report", "save_quantized", "load_quantized",
+    "export_gguf",
 ]
 
 
@@ -32,4 +33,7 @@ def __getattr__(name):  # heavy entry points import transformers lazily
     if name in ("save_quantized", "load_quantized"):
         from . import export
         return getattr(export, name)
+    if name == "export_gguf":
+        from .gguf_export import export_gguf
+        return export_gguf
     raise AttributeError(name)

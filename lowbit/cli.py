@@ -5,6 +5,7 @@
     lowbit generate MODEL --prompt "Once upon a time"
     lowbit train --data stories.txt --tokenizer tok512.model --out runs/s260k
     lowbit info MODEL
+    lowbit export-gguf out/m-w4g32 m-w4g32.gguf
     lowbit gen-data MODEL --out data/s260k-self --n-sequences 1024 --seq-len 256 --topk-logits 32
 
 Bad input ends with one line ``lowbit: error: ...`` and exit status 2 (set ``LOWBIT_DEBUG=1`` for
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default=None, help="save the quantized model to this folder")
     q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors that stay unquantized in the saved folder")
+    q.add_argument("--gguf", default=None, metavar="PATH",
+                   help="also write a GGUF file for llama.cpp with lowbit's own codes and scales (after --out); "
+                        "lowbit export-gguf has the options")
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the float model (before/after table)")
     _add_eval_args(q, None)
 
@@ -250,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--topk-logits", type=int, default=0, metavar="K",
                    help="also store the teacher's top-K logits and log-sum-exp per position (0 = ids only)")
     d.add_argument("--device", default="auto", help="cpu, cuda ... (default: cuda when available)")
+
+    x = sub.add_parser("export-gguf", help="write a (lowbit-quantized) Llama as a GGUF file for llama.cpp")
+    x.add_argument("model", help="a folder saved by lowbit quantize --out, or any model lowbit loads")
+    x.add_argument("out", help="the .gguf file to write")
+    x.add_argument("--requantize", default=None, choices=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "f32"],
+                   help="opt in: weights whose spec has no exact GGUF block type are re-quantized to this type "
+                        "(lossy; f32 stores them dequantized, exact) instead of refused")
+    x.add_argument("--float-type", default="f16", choices=["f16", "f32"],
+                   help="unquantized weights (norms are always f32)")
+    x.add_argument("--source-gguf", default=None,
+                   help="GGUF file to copy the tokenizer metadata from (default: the one the model came from, if any)")
+    x.add_argument("--tokenizer", default=None)
+    x.add_argument("--json", default=None, help="write the export report to this JSON file")
 
     i = sub.add_parser("info", help="parameters and stored bits per part of a model")
     i.add_argument("model")
@@ -322,6 +339,10 @@ def cmd_quantize(a) -> dict:
     model, tok = _load_in_turn(load_model, a)
     cfg.kv = _kv_spec_from_args(a, model)
     validate_config(model, cfg)  # fail before any evaluation
+    if a.gguf:
+        from .gguf_export import check_exportable
+
+        check_exportable(model, cfg)  # and before quantizing, when the result could not be written
     model.to(device)
     tasks = _tasks(a) if main else []
     fp_model = copy.deepcopy(model) if (a.eval_fp or "kl" in tasks) and main else None
@@ -374,6 +395,11 @@ def cmd_quantize(a) -> dict:
         save_quantized(model, a.out, tok, float_dtype=getattr(__import__("torch"), a.save_dtype),
                        extra={"base_model": str(a.model)})
         print(f"saved to {a.out}")
+    if a.gguf:
+        from .gguf_export import export_gguf, format_report
+
+        record["gguf"] = export_gguf(model, tok, a.gguf, name=model_name(a.model))
+        print(format_report(record["gguf"]))
     record |= run_metadata()
     if a.json:
         write_json(a.json, record)
@@ -436,6 +462,39 @@ def cmd_info(a) -> dict:
     return rep
 
 
+def _base_gguf(name: str):
+    """The GGUF a lowbit folder's base model was loaded from (``base_model`` in quant_config.json), if any."""
+    from pathlib import Path
+
+    from .models import resolve
+
+    try:
+        p = Path(resolve(name))
+        if (p / "quant_config.json").is_file():
+            base = json.loads((p / "quant_config.json").read_text()).get("base_model")
+            p = Path(resolve(base)) if base else p
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return p if p.suffix == ".gguf" and p.is_file() else None
+
+
+def cmd_export_gguf(a) -> dict:
+    from .gguf_export import export_gguf, format_report
+    from .models import load_model, model_name
+    from .results import write_json
+
+    model, tok = load_model(a.model, tokenizer=a.tokenizer)
+    src = a.source_gguf or (None if a.tokenizer else _base_gguf(a.model))
+    rep = export_gguf(model, tok, a.out, source_gguf=src, float_type=a.float_type, requantize=a.requantize,
+                      name=None if src else model_name(a.model))
+    print(format_report(rep))
+    for name, why in rep["lossy"].items():
+        print(f"  lossy: {name}: {why}")
+    if a.json:
+        write_json(a.json, rep)
+    return rep
+
+
 def cmd_gen_data(a) -> dict:
     from .datafree import format_stats, generate_dataset
     from .models import load_model, model_name
@@ -458,7 +517,7 @@ def cmd_gen_data(a) -> dict:
 
 
 COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "train": cmd_train, "info": cmd_info,
-            "gen-data": cmd_gen_data}
+            "gen-data": cmd_gen_data, "export-gguf": cmd_export_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:
