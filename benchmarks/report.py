@@ -542,6 +542,29 @@ def mixed_smollm2_section() -> str:
             + f"\n\nProvenance (mixed rows): {provenance(mixed)}.")
 
 
+def gguf_section(folder: str = "gguf_llamacpp") -> str:
+    """lowbit's GGUF files run in llama.cpp: the same windows scored by both runtimes, per ggml type."""
+    rows = sorted(_load(RES / folder), key=lambda r: (r["model"], r["blocks_bits_per_param"]))
+    if not rows:
+        return "_no results yet_"
+    head = ["model", "lowbit weights (RTN)", "ggml types in the file", "bits/param blocks", "GGUF MiB",
+            "lowbit size report MiB", f"ppl lowbit (PyTorch)", "ppl llama.cpp", "llama.cpp / lowbit",
+            "top-1 agreement, window 1", "tokenizer: equal ids"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        out.append("| " + " | ".join([
+            r["model"], r["weight"] or "float, written as f16", ", ".join(r["ggml_types"]),
+            _f(r["blocks_bits_per_param"], 3), _f(r["gguf_bytes"] / 2 ** 20), _f(r["lowbit_model_bytes"] / 2 ** 20),
+            _f(r["ppl_lowbit"], 3), _f(r["ppl_llamacpp"], 3), _f(r["ppl_ratio"], 4),
+            _f(r["first_window_top1_agreement"], 3),
+            f"{r['tokenizer_ids_equal']} / {r['tokenizer_ids_compared']}"]) + " |")
+    r0 = rows[0]
+    return (f"```\n{_commands(rows[:1], prefix='python ')}\n```\n\n"
+            f"{r0['dataset']}, the first {r0['windows']} windows of {r0['seqlen']} tokens, the same token ids fed to "
+            f"both runtimes; llama.cpp through llama-cpp-python {r0['llama_cpp_python']}, {r0['threads']} thread(s) "
+            f"({provenance(rows)}).\n\n" + "\n".join(out))
+
+
 ABL = "dfqat_ablations_stories260k"
 ABL_RUN = ("OMP_NUM_THREADS=1 LOWBIT_COMMIT=$(git rev-parse --short HEAD) python benchmarks/ptq_grid.py --model "
            "stories260k --datasets tinystories,tinystories-train --device cpu")
@@ -726,6 +749,19 @@ def dfqat_smollm2_section() -> str:
             continue
         cands = [x for x in (gpu.get(f"gptq-{suffix}"), cpu.get(f"gptq-c4-{suffix}"),
                              gpu.get(f"gptq-noact-{suffix}")) if x]
+        if not cands:  # no GPTQ row for this setting yet: say so, and compare with the PTQ rows there are
+            ptq = [x for x in rows if x["method"] not in ("fp", "dfqat")]
+            scored = [(_ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX), x) for x in ptq]
+            scored = [t for t in scored if t[0]]
+            a = _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX)
+            if scored and a:
+                v, best = min(scored, key=lambda t: t[0])
+                words.append(f"{suffix}: no GPTQ row for this setting yet; dfqat (no data) {a:.2f} vs the best PTQ row "
+                             f"there is, `{best['method']}-{suffix}` ({_device_cell(best)}), {v:.2f} (first {PREFIX} "
+                             f"WikiText-2 windows): data-free QAT {'better' if a < v else 'worse'} by "
+                             f"{abs(a / v - 1) * 100:.1f}%" + (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time "
+                                                              "(another setting's run)" if g_cpu else ""))
+            continue
         full = [x for x in cands if _full_ppl(x, "wikitext2")] if _full_ppl(d, "wikitext2") else []
         pre = [x for x in cands if _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)]
         if full:
@@ -1216,6 +1252,17 @@ changed since (see the ablations): check out cf7b30a to reproduce this table exa
 taken while other jobs shared the 2 cores: compare them within a row group only loosely.
 
 {mixed_section()}
+
+## GGUF export: lowbit's files run in llama.cpp
+
+`lowbit export-gguf` writes lowbit's own codes and scales as ggml blocks (README, "Export to GGUF").
+Here each file is loaded by llama.cpp itself, and the same windows are scored by lowbit's PyTorch
+forward (fp32 on the dequantized weights) and by llama.cpp's kernels (which round the activations to 8
+bits in the Q4/Q5/Q8 dot products, so small differences are expected). A wrong block layout or Q/K row
+order would put the two perplexities far apart. The GGUF size includes the tokenizer and float tensors
+(embeddings in f16), as lowbit's size report does.
+
+{gguf_section()}
 
 ## SmolLM2-135M: learned per-channel mixed precision (issue 5)
 
