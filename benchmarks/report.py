@@ -510,10 +510,11 @@ def mixed_smollm2_section() -> str:
         r = by[k]
         out.append("| " + " | ".join([
             k, r["method"], _calib_cell(r) if r["method"] not in ("rtn", "fp") else "none", _device_cell(r),
-            _f(r["bits"]["blocks_bits_per_param"], 3) if r.get("config") else "32",
-            _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32",
+            _f(r["bits"]["blocks_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
+            _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(_full_ppl(r, "wikitext2")), _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
-            _f(r.get("quant_wall_s"), 0), _f(r.get("peak_memory_mb"), 0)]) + " |")
+            _f(r.get("quant_wall_s"), 0), "–" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"])
+            + " |")
     parts = []
     for k in order:
         bm = (by[k].get("mixed_report") or {}).get("bit_map")
