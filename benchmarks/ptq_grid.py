@@ -29,7 +29,7 @@ from lowbit.data import eval_ids
 from lowbit.eval import default_seqlen, perplexity
 from lowbit.models import load_model, model_name
 from lowbit.quantize import needs_calibration, quantize_model
-from lowbit.results import peak_memory_mb, run_metadata, write_json
+from lowbit.results import peak_memory_mb, reset_peak_memory, run_metadata, write_json
 from lowbit.size import size_report
 
 
@@ -275,9 +275,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
             ckpt: str | None = None) -> dict:
     model, tok = load_model(model_id)
     model.to(device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    peak_scope = "row" if reset_peak_memory(device) else "process"  # each row's own peak, model loaded
     cfg = None
     seqlen = default_seqlen(model, seqlen)
     calib_info = "none (data-free)"
@@ -336,6 +334,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         "bits": {k: rep[k] for k in ("blocks_bits_per_param", "model_bits_per_param", "model_megabytes")}
         | {"parts": rep["parts"]},
         "metrics": metrics, "seed": seed, "quant_wall_s": quant_s, "peak_memory_mb": peak,
+        "peak_memory_scope": peak_scope,
         "eval_wall_s": sum(m["wall_s"] for m in metrics.values()),
         # resumed from --ckpt: quant_wall_s then counts only this run's share of the training
         "resumed_from_checkpoint": _resumed(reports),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes:
         method = label[:-len(setting) - 1] if label != setting else r["method"]
         cells = [setting, method, wdesc, adesc, _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                  _f(r["bits"]["model_bits_per_param"], 3), *[_ppl_cell(r, d) for d in datasets],
-                 _f(r.get("quant_wall_s"), 1), _f(r.get("peak_memory_mb"), 0)]
+                 _f(r.get("quant_wall_s"), 1), _peak_cell(r)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -440,7 +441,7 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
                                           if r["method"] == "mixed" else f"{w['format']} per channel asym"))
         out.append("| " + " | ".join([setting, r["method"], _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                                        _f(r["bits"]["model_bits_per_param"], 3), _ppl_cell(r, dataset),
-                                       _f(r.get("quant_wall_s"), 1), _f(r.get("peak_memory_mb"), 0)]) + " |")
+                                       _f(r.get("quant_wall_s"), 1), _peak_cell(r)]) + " |")
     # where the bits went: per part (all layers), mean stored bits per weight and pruned rows/columns
     parts = []
     for label in labels:
@@ -513,8 +514,7 @@ def mixed_smollm2_section() -> str:
             _f(r["bits"]["blocks_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(_full_ppl(r, "wikitext2")), _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
-            _f(r.get("quant_wall_s"), 0), "–" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"])
-            + " |")
+            _f(r.get("quant_wall_s"), 0), _peak_cell(r)]) + " |")
     parts = []
     for k in order:
         bm = (by[k].get("mixed_report") or {}).get("bit_map")
@@ -689,6 +689,27 @@ def _device_cell(r: dict) -> str:
     return "H100" if "H100" in dev else ("CPU, 1 thread" if "cpu" in dev.lower() else dev)
 
 
+def _peak(r: dict) -> float | None:
+    """The row's own peak memory, or None where the record may carry an earlier row's: CPU records made before
+    ``peak_memory_scope`` existed measured the process's peak, inherited by every row after the first of a
+    multi-row ``--only`` run (the CUDA peak was always reset per row)."""
+    if r.get("peak_memory_scope") == "row" or "peak_memory_mb" not in r or "cpu" not in r.get("device", "cpu"):
+        return r.get("peak_memory_mb")
+    from ptq_grid import GRIDS
+
+    cmd = r.get("command", "")
+    only, grid = re.search(r"--only\s+(\S+)", cmd), re.search(r"--grid\s+(\S+)", cmd)
+    order = only.group(1).split(",") if only else [x.label for x in GRIDS.get(grid.group(1), [])] if grid else []
+    return r["peak_memory_mb"] if not order or order[0] == r.get("label") else None
+
+
+def _peak_cell(r: dict) -> str:
+    v = _peak(r)
+    if v is None and r.get("peak_memory_mb"):  # the process's peak so far: an upper bound on this row's
+        return f"≤ {r['peak_memory_mb']:.0f}"
+    return _f(v, 0) if v is None or v < 1e4 else f"{v:.0f}"
+
+
 def _data_seconds(r: dict) -> float:
     """Seconds spent making the calibration / training data (self-generation for dfqat; reading C4 for GPTQ)."""
     c = r.get("calibration")
@@ -741,7 +762,7 @@ def dfqat_smollm2_section() -> str:
                 _f(r["bits"]["blocks_bits_per_param"], 3), _f(_full_ppl(r, "wikitext2")),
                 _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
                 _f(r.get("quant_wall_s"), 0), _f(_data_seconds(r), 0) if is_cpu else "–", ratio,
-                _f(r.get("peak_memory_mb"), 0) if r.get("peak_memory_mb", 0) < 1e4 else f"{r['peak_memory_mb']:.0f}",
+                _peak_cell(r),
             ]) + " |")
         # the verdict, worded from the rows: the combined pipeline against C4-calibrated GPTQ (act-order on the
         # H100, act-order on the CPU, then without act-order), on the full split when both have it, else the prefix
@@ -1155,7 +1176,7 @@ Every method and setting of the SmolLM2 grid above on the small real model, on a
 rows are 64 or 172 wide, so g128/g64 groups do not fit: g32 stands in for them. Text: the held-out
 10% of the TinyStories sample (whole set, 512-token windows). Calibration: 32 windows of 512 tokens
 from the other 90% of the stories (seed 0); RTN, HQQ, BCQ and QuaRot+RTN see no data. On a CPU
-"peak memory" is the process's largest resident set so far (it never resets between rows: an upper bound).
+"peak memory" is the row's resident-set peak; "≤ N" marks rows measured before the peak was reset per row: the process's largest resident set so far, an upper bound.
 
 ```
 OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid ptq-stories260k --datasets tinystories --calib tinystories --nsamples 32 --device cpu --out results/ptq_stories260k
@@ -1203,7 +1224,7 @@ for this model (tile stage 3e-4 for weights and quantizers, end-to-end 1e-4) com
 PTB, a set no table reports; the grid's SmolLM2 rows name them (`ptq_grid.SMOL_DFQAT`). The probes read
 ids made once with
 `lowbit gen-data smollm2-135m --out runs/smol_gen_128x256 --n-sequences 128 --seq-len 256 --batch-size 32 --seed 0`.
-Peak memory is the process's resident peak; dfqat's comes from end-to-end distillation, which holds the
+Peak memory is the row's resident peak ("≤ N": measured before the peak was reset per row, so the process's peak so far, an upper bound); dfqat's comes from end-to-end distillation, which holds the
 teacher's and the student's logits over the 49k vocabulary for a batch.
 
 {dfqat_smollm2_section()}

@@ -38,10 +38,34 @@ def device_name() -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def reset_peak_memory(device: str | torch.device | None = None) -> bool:
+    """Start a new peak for :func:`peak_memory_mb` (so a run of several rows in one process measures each
+    row alone): the CUDA allocator's peak on a GPU; on Linux the resident-set high-water mark (writing 5 to
+    ``/proc/self/clear_refs``). Returns False where the CPU peak cannot be reset."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_memory_mb(device: str | torch.device | None = None) -> float:
-    """Peak memory of this process so far: CUDA allocator peak on a GPU, else the max resident set size."""
+    """Peak memory since the last :func:`reset_peak_memory` (else since the process started): CUDA allocator
+    peak on a GPU, else the resident-set high-water mark (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
