@@ -747,8 +747,9 @@ def dfqat_smollm2_section() -> str:
         if not mine:
             continue
         # GPTQ's cost hardly depends on the bit-width: a setting without its own CPU GPTQ run uses another's
-        g_cpu = cpu.get(f"gptq-c4-{suffix}") or next(
-            (cpu[k] for k in cpu if k.startswith("gptq-c4-") and k.endswith(("g128", "g64"))), None)
+        # (the int3 g128 pair first: no third process shared the cores during it)
+        g_cpu = cpu.get(f"gptq-c4-{suffix}") or cpu.get("gptq-c4-w3-g128") or next(
+            (cpu[k] for k in cpu if k.startswith("gptq-c4-")), None)
         gptq_ref_used |= g_cpu is not None and g_cpu["label"] != f"gptq-c4-{suffix}"
         ref = [gpu.get(f"rtn-{suffix}") or rtn.get(rtn_label), gpu.get(f"gptq-{suffix}"),
                gpu.get(f"gptq-noact-{suffix}"), gpu.get(f"awq-{suffix}")]
@@ -1217,7 +1218,10 @@ and one GPTQ run side by side, so both saw the same load); GPTQ was timed there 
 calibration) for the time ratio, which counts each method's data too: dfqat's self-generation (`data s`)
 and GPTQ's reading of C4. During the int2 g64 pair, short jobs (the test suite, the memory benchmark and the
 tile probes below, ~25 minutes in all) put a third process on the two cores for stretches of both runs
-(compare GPTQ's quant wall times at int3 g128 and int2 g64 in the table). RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
+(compare GPTQ's quant wall times at int3 g128 and int2 g64 in the table). The int3 per-channel and
+tiled-only int2 g64 / int4 g128 / int3 per-channel rows ran beside a mixed-precision run, a llama.cpp build
+(at low priority) and the GGUF check below, with no GPTQ run beside them: their ratios use the GPTQ time of
+the int3 g128 pair, so read them as rough. RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
 (same code, full split). WikiText-2 on the full split for the headline dfqat rows, C4 on its first 40
 windows (a CPU budget), so every row is also compared on the first 40 windows of both sets. Learning rates
 for this model (tile stage 3e-4 for weights and quantizers, end-to-end 1e-4) come from the probes below on

@@ -132,8 +132,9 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     assert ta["tiles"][0]["rel_mse_before"] == tb["tiles"][0]["rel_mse_before"]  # no-grad passes: bit for bit
     sa, sb = _state(single / "q"), _state(multi / "q")
     assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5, rtol=1e-4), k
+    for k in sa:  # learned scales are stored in fp16: a summation-order difference may move one by an fp16 ulp
+        # (2^-11 to 2^-10 relative), and the weights of its group with it; anything wrong is far larger
+        assert torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5, rtol=1e-3), k
     # rank 0 alone wrote the checkpoint; the re-run resumed from it on both ranks and trained nothing
     again = json.loads((multi / "again.json").read_text())["dfqat_report"]
     assert [t["resumed"] for t in again["tiles"]] == [True, True] and again["e2e"]["resumed_at"] == 3
