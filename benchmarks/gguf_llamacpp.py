@@ -39,7 +39,7 @@ SPECS = {
     "int4-g32-sym": ("int4", "g32", True),  # Q4_0
     "int4-g32": ("int4", "g32", False),  # Q4_1
     "int5-g32-sym": ("int5", "g32", True),  # Q5_0
-    "int4-gguf": ("int4", "gguf", False),  # Q4_K
+    "int4-gguf": ("int4", "gguf", False),  # Q4_K (rows of whole 256-value super-blocks only)
     "int5-gguf": ("int5", "gguf", False),  # Q5_K
     "int6-gguf-sym": ("int6", "gguf", True),  # Q6_K
 }
@@ -88,6 +88,8 @@ def main() -> None:
         sys.exit(f"gguf_llamacpp: error: unknown spec {bad[0]!r}; known: {', '.join(SPECS)}")
     out, gdir = Path(a.out), Path(a.gguf_dir)
     gdir.mkdir(parents=True, exist_ok=True)
+    from lowbit.gguf_export import check_exportable
+
     for label in labels:
         t0 = time.time()
         model, tok = load_model(a.model)
@@ -97,6 +99,11 @@ def main() -> None:
         cfg = None
         if spec is not None:
             cfg = QuantConfig(weight=parse_spec(spec[0], spec[1], symmetric=spec[2]))
+            try:  # e.g. k-quants need rows of whole 256-value super-blocks (SmolLM2's 576 are not)
+                check_exportable(model, cfg)
+            except ValueError as e:
+                print(f"{label}: skipped, this model cannot take it: {e}")
+                continue
             quantize_model(model, cfg)
         size = size_report(model)
         with torch.inference_mode():

@@ -1286,7 +1286,10 @@ Here each file is loaded by llama.cpp itself, and the same windows are scored by
 forward (fp32 on the dequantized weights) and by llama.cpp's kernels (which round the activations to 8
 bits in the Q4/Q5/Q8 dot products, so small differences are expected). A wrong block layout or Q/K row
 order would put the two perplexities far apart. The GGUF size includes the tokenizer and float tensors
-(embeddings in f16), as lowbit's size report does.
+(embeddings in f16), as lowbit's size report does; about 1.8 MiB of it is the tokenizer, and Q4_1/Q5_1
+files are larger than lowbit's count because ggml stores each group's min in fp16 where lowbit stores a
+4-bit zero-point. The k-quants (Q4_K/Q5_K/Q6_K) need rows of whole 256-value super-blocks, which
+SmolLM2's 576-wide rows are not, so the script skips them here.
 
 {gguf_section()}
 
