@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from lowbit import QuantConfig, export_gguf, load_model, parse_spec
-from lowbit.data import eval_ids
+from lowbit.gguf_export import check_exportable
+from lowbit.data import eval_ids, load_text
 from lowbit.eval import default_seqlen, perplexity
 from lowbit.quantize import quantize_model
 from lowbit.results import run_metadata, write_json
@@ -88,8 +89,6 @@ def main() -> None:
         sys.exit(f"gguf_llamacpp: error: unknown spec {bad[0]!r}; known: {', '.join(SPECS)}")
     out, gdir = Path(a.out), Path(a.gguf_dir)
     gdir.mkdir(parents=True, exist_ok=True)
-    from lowbit.gguf_export import check_exportable
-
     for label in labels:
         t0 = time.time()
         model, tok = load_model(a.model)
@@ -118,8 +117,6 @@ def main() -> None:
         nlls, first, llm = llamacpp_nlls(path, ids, seqlen, mine["windows"], a.threads)
         t_llama = time.time() - t2
         # the file's tokenizer against lowbit's, on the start of the evaluation text (no BOS on either side)
-        from lowbit.data import load_text
-
         text = load_text(a.dataset)[:20000]
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         ours = tok.encode(text, add_bos=False)

@@ -417,6 +417,32 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
     return "Verdict (generated from the rows above):\n\n" + "\n".join(f"- {x}." for x in lines) if lines else ""
 
 
+def _where_bits_went(runs: list[tuple[str, dict]]) -> str:
+    """Per part over all layers: mean stored bits per weight (metadata included) and pruned rows / columns, one
+    table row per mixed run among ``runs`` (label, record); "" when none has a bit map."""
+    parts = []
+    for label, r in runs:
+        bm = (r.get("mixed_report") or {}).get("bit_map")
+        if not bm:
+            continue
+        cells = [label]
+        for p in _PARTS:
+            vs = [v for k, v in bm.items() if k.endswith("." + p)]
+            if not vs:
+                cells.append("")
+                continue
+            bits = sum(v["bits"] for v in vs) / sum(v["params"] for v in vs)
+            pr = sum(v["pruned_rows"] for v in vs)
+            pc = sum(v["pruned_cols"] for v in vs)
+            cells.append(f"{bits:.2f}" + (f" ({pr} rows" + (f", {pc} cols" if pc else "") + " pruned)" if pr or pc else ""))
+        parts.append("| " + " | ".join(cells) + " |")
+    if not parts:
+        return ""
+    return ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
+            "pruned rows / columns):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1)
+            + "\n" + "\n".join(parts))
+
+
 def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories260k", dataset: str = "tinystories") -> str:
     """Issue 5: mixed precision vs uniform per-channel settings, where the bits went (table + PNGs)."""
     rows, by, labels = _grid_rows(folder, grid)
@@ -442,28 +468,7 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
         out.append("| " + " | ".join([setting, r["method"], _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                                        _f(r["bits"]["model_bits_per_param"], 3), _ppl_cell(r, dataset),
                                        _f(r.get("quant_wall_s"), 1), _peak_cell(r)]) + " |")
-    # where the bits went: per part (all layers), mean stored bits per weight and pruned rows/columns
-    parts = []
-    for label in labels:
-        bm = (by.get(label, {}).get("mixed_report") or {}).get("bit_map")
-        if not bm:
-            continue
-        cells = [label]
-        for p in _PARTS:
-            vs = [v for k, v in bm.items() if k.endswith("." + p)]
-            if not vs:
-                cells.append("")
-                continue
-            bits = sum(v["bits"] for v in vs) / sum(v["params"] for v in vs)
-            pr = sum(v["pruned_rows"] for v in vs)
-            pc = sum(v["pruned_cols"] for v in vs)
-            cells.append(f"{bits:.2f}" + (f" ({pr} rows" + (f", {pc} cols" if pc else "") + " pruned)" if pr or pc else ""))
-        parts.append("| " + " | ".join(cells) + " |")
-    table2 = ""
-    if parts:
-        table2 = ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
-                  "pruned rows / columns):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1)
-                  + "\n" + "\n".join(parts))
+    table2 = _where_bits_went([(label, by[label]) for label in labels if label in by])
     verdict = _mixed_verdict(by, dataset)
     table2 += ("\n\n" + verdict) if verdict else ""
     pngs = _mixed_plots(rows, RES / folder, dataset)
@@ -515,21 +520,7 @@ def mixed_smollm2_section() -> str:
             _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(_full_ppl(r, "wikitext2")), _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
             _f(r.get("quant_wall_s"), 0), _peak_cell(r)]) + " |")
-    parts = []
-    for k in order:
-        bm = (by[k].get("mixed_report") or {}).get("bit_map")
-        if not bm:
-            continue
-        cells = [k]
-        for p in _PARTS:
-            vs = [v for name, v in bm.items() if name.endswith("." + p)]
-            bits = sum(v["bits"] for v in vs) / max(1, sum(v["params"] for v in vs))
-            pr = sum(v["pruned_rows"] for v in vs)
-            cells.append(f"{bits:.2f}" + (f" ({pr} rows pruned)" if pr else "") if vs else "")
-        parts.append("| " + " | ".join(cells) + " |")
-    table2 = ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
-              "pruned rows):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1) + "\n"
-              + "\n".join(parts)) if parts else ""
+    table2 = _where_bits_went([(k, by[k]) for k in order])
     verdict = _mixed_verdict(by, "wikitext2", ppl=ppl)
     rows = list(by.values())
     pngs = _mixed_plots(rows, RES / SMOL_MIXED, "wikitext2", ppl=ppl,
@@ -549,7 +540,7 @@ def gguf_section(folder: str = "gguf_llamacpp") -> str:
     if not rows:
         return "_no results yet_"
     head = ["model", "lowbit weights (RTN)", "ggml types in the file", "bits/param blocks", "GGUF MiB",
-            "lowbit size report MiB", f"ppl lowbit (PyTorch)", "ppl llama.cpp", "llama.cpp / lowbit",
+            "lowbit size report MiB", "ppl lowbit (PyTorch)", "ppl llama.cpp", "llama.cpp / lowbit",
             "top-1 agreement, window 1", "tokenizer: equal ids"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -772,33 +763,24 @@ def dfqat_smollm2_section() -> str:
             continue
         cands = [x for x in (gpu.get(f"gptq-{suffix}"), cpu.get(f"gptq-c4-{suffix}"),
                              gpu.get(f"gptq-noact-{suffix}")) if x]
-        if not cands:  # no GPTQ row for this setting yet: say so, and compare with the PTQ rows there are
-            ptq = [x for x in rows if x["method"] not in ("fp", "dfqat")]
-            scored = [(_ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX), x) for x in ptq]
-            scored = [t for t in scored if t[0]]
-            a = _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX)
-            if scored and a:
-                v, best = min(scored, key=lambda t: t[0])
-                words.append(f"{suffix}: no GPTQ row for this setting yet; dfqat (no data) {a:.2f} vs the best PTQ row "
-                             f"there is, `{best['method']}-{suffix}` ({_device_cell(best)}), {v:.2f} (first {PREFIX} "
-                             f"WikiText-2 windows): data-free QAT {'better' if a < v else 'worse'} by "
-                             f"{abs(a / v - 1) * 100:.1f}%" + (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time "
-                                                              "(another setting's run)" if g_cpu else ""))
-            continue
         full = [x for x in cands if _full_ppl(x, "wikitext2")] if _full_ppl(d, "wikitext2") else []
         pre = [x for x in cands if _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)]
+        a_pre = _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX)
         if full:
             g = full[0]
             a, b, how = _full_ppl(d, "wikitext2"), _full_ppl(g, "wikitext2"), "full WikiText-2 test split"
-        elif pre and _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX):
-            g = pre[0]
-            a, b = _ppl_prefix(d["metrics"]["wikitext2"], PREFIX), _ppl_prefix(g["metrics"]["wikitext2"], PREFIX)
+        elif a_pre and (pre or not cands):  # no GPTQ row at all: compare with the PTQ rows there are
+            g = pre[0] if pre else None
+            a, b = a_pre, _ppl_prefix(g["metrics"]["wikitext2"], PREFIX) if g else None
             how = f"first {PREFIX} WikiText-2 windows"
         else:
             continue
-        w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} (`{g['label']}`, "
-             f"{_device_cell(g)}; {how}), data-free QAT {'better' if a < b else 'worse'} by "
-             f"{abs(a / b - 1) * 100:.1f}%")
+        if g is not None:
+            w = (f"{suffix}: dfqat (no data) {a:.2f} vs GPTQ calibrated on C4 {b:.2f} (`{g['label']}`, "
+                 f"{_device_cell(g)}; {how}), data-free QAT {'better' if a < b else 'worse'} by "
+                 f"{abs(a / b - 1) * 100:.1f}%")
+        else:
+            w = f"{suffix}: no GPTQ row for this setting yet; dfqat (no data) {a:.2f} ({how})"
         # the best PTQ row of this setting on the same basis (it may be RTN: GPTQ without act-order can be worse)
         ptq = [x for x in rows if x["method"] not in ("fp", "dfqat")]
         val = (lambda x: _full_ppl(x, "wikitext2")) if full else (
