@@ -121,6 +121,42 @@ def test_noise_has_rounding_variance_and_gradients():
     assert lr.logit.grad is not None and (lr.logit.grad < 0).all()  # more bits, less noise
 
 
+def _rtn_err(w, lo, hi, b):
+    step = (hi - lo) / (2 ** b - 1)
+    q = torch.round((w.clamp(lo, hi) - lo) / step) * step + lo
+    return (q - w).pow(2).sum(1)
+
+
+def test_best_clip_never_worse_than_full_range():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    w[::4, 0] = 12.0  # outlier rows: clipping must pay off there
+    f = mx._best_clip(w, 3.0)
+    mn, mx_ = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+    full, clipped = _rtn_err(w, mn[:, None], mx_[:, None], 3), _rtn_err(w, (f * mn)[:, None], (f * mx_)[:, None], 3)
+    assert (clipped <= full + 1e-6).all() and (f <= 1).all()
+    assert (clipped[::4] < 0.7 * full[::4]).all()  # the outlier rows gain a lot
+
+
+def test_clipped_noise_stays_in_range_and_learns_the_clip():
+    torch.manual_seed(0)
+    w = torch.randn(8, 512)
+    w[:, 0] = 10.0
+    lr = mx.NoisyRows(w, 2.0, 8.0, 3.0, clip_bits=3.0)
+    lo, hi = (t.detach() for t in lr.clip_range(w))
+    assert (hi < 10.0).all()  # the outlier is clipped from the start
+    out = lr(w)
+    delta = (hi - lo) / (2 ** lr.bits().detach() - 1)
+    assert (out.detach() <= (hi + delta / 2)[:, None] + 1e-5).all()
+    assert (out.detach() >= (lo - delta / 2)[:, None] - 1e-5).all()
+    (out - w).pow(2).sum().backward()
+    assert lr.clip.grad is not None and lr.clip.grad.abs().sum() > 0
+    assert any(lr.clip is p for group, _ in lr.lr_groups() for p in group)  # trained with the bits logits
+    # the fine-tune quantizer starts from the learned clipped range: a finer grid than min-max
+    bits = torch.full((8,), 3)
+    assert (mx.RowLSQ(w, bits, None, torch.sigmoid(lr.clip.detach())).scale < mx.RowLSQ(w, bits, None).scale).all()
+
+
 def test_hard_concrete_gate_probabilities():
     g = mx.UnitGates(4000, 0.0)
     z = g.z().detach()
@@ -294,6 +330,7 @@ def test_one_part_budget_with_the_shared_one():
     ({"mixed_target_bits": 3.0, "mixed_range": "9-2"}, "mixed_range"),
     ({"mixed_target_bits": 3.0, "mixed_choices": "a,b"}, "mixed_choices"),
     ({"mixed_target_bits": 3.0, "mixed_bogus": 1}, "unknown mixed setting"),
+    ({"mixed_target_bits": 3.0, "mixed_noise_clip": "yes"}, "mixed_noise_clip must be true or false"),
 ])
 def test_bad_settings(extra, msg):
     with pytest.raises(ValueError, match=msg):
