@@ -146,6 +146,10 @@ GRIDS["mixed-stories260k"] += [
     Setting(f"mixed-3.0-{tag}", "mixed", W("int8", "channel"), full=True,
             extra=DFQAT_V1 | {"mixed_target_bits": 3.0} | extra)
     for tag, extra in (("v1", {}), ("attn2.5", {"mixed_attn_target": 2.5}), ("attn3.5", {"mixed_attn_target": 3.5}))]
+# ablation: the noise range without learned clipping (the full min-max range of each row, before session 7)
+GRIDS["mixed-stories260k"] += [
+    Setting(f"mixed-{t}-noclip", "mixed", W("int8", "channel"), full=True,
+            extra={"mixed_target_bits": t, "mixed_noise_clip": False}) for t in (2.5, 3.0)]
 
 
 # issue 4, LLM-QAT's W4A8KV4 on stories260K: int4 per-channel symmetric weights (LLM-QAT's weight grid; any row

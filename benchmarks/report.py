@@ -304,7 +304,7 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str, ppl=None, ylabel:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*")):
         pts = sorted((r["bits"]["blocks_bits_per_param"], ppl(r)) for r in rows
-                     if r["method"] == method and "noprune" not in r["label"] and ppl(r))
+                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip")) and ppl(r))
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=method if method != "mixed" else "mixed (learned widths)")
     fp = next((r for r in rows if r["method"] == "fp"), None)
@@ -396,6 +396,11 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
     if "mixed-3.0" in by and "mixed-3.0-noprune" in by:
         a, b = by["mixed-3.0"], by["mixed-3.0-noprune"]
         lines.append(f"Pruning allowed vs not, at 3.0: {ppl(a):.2f} vs {ppl(b):.2f}")
+    clip = [(t, by[f"mixed-{t}"], by[f"mixed-{t}-noclip"]) for t in ("2.5", "3.0")
+            if f"mixed-{t}" in by and f"mixed-{t}-noclip" in by]
+    if clip:
+        lines.append("Learned clipping of the noise range vs the full row range: "
+                     + "; ".join(f"at {t}, {ppl(a):.2f} vs {ppl(b):.2f}" for t, a, b in clip))
     ctrl = by.get("mixed-3.0-v1")
     parts = [(lab, by[lab]) for lab in ("mixed-3.0-attn2.5", "mixed-3.0-attn3.5") if lab in by]
     if ctrl and parts:
@@ -460,6 +465,8 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
         ex = c.get("extra") or {}
         setting = ("float" if not w else (f"target {ex['mixed_target_bits']} learned widths"
                                           + (", no pruning" if ex.get("mixed_prune") is False else "")
+                                          + (", noise over the full row range (no learned clipping)"
+                                             if ex.get("mixed_noise_clip") is False else "")
                                           + "".join(f", {part} held at {ex[k]}" for part, k in
                                                     (("attention", "mixed_attn_target"), ("FFN", "mixed_ffn_target"))
                                                     if ex.get(k) is not None)
@@ -503,6 +510,9 @@ def mixed_smollm2_section() -> str:
             key = lab.replace("gptq-c4-", "gptq-")
             if key not in by or r in mixed:  # a row of the mixed run wins over an older one
                 by[key] = dict(r, label=key)
+    # the rows of an earlier code version (their commit inside): noise over the full row range, no learned clipping
+    for r in _load(RES / SMOL_MIXED / "before_clip"):
+        by[f"{r['label']}-noclip"] = dict(r, label=f"{r['label']}-noclip")
 
     def ppl(r: dict) -> float | None:
         return _ppl_prefix(r["metrics"].get("wikitext2", {}), PREFIX)
@@ -528,8 +538,12 @@ def mixed_smollm2_section() -> str:
     figs = "\n\n" + "\n".join(f"![{p}](results/{SMOL_MIXED}/{p})" for p in pngs) if pngs else ""
     cmds = _commands(sorted([r for r in rows if r["method"] != "fp" and "cpu" in r.get("device", "").lower()],
                             key=lambda r: r.get("date", "")))
+    old = "".join(f" `{k}` is `{k[:-7]}` run at commit {by[k].get('commit', '?')}, before the noise range had "
+                  "learned clipping (its record is in results/" + SMOL_MIXED + "/before_clip)." for k in order
+                  if k.endswith("-noclip"))
     return ("The commands that made the CPU rows (as recorded in each result; the RTN rows and the float row come "
-            "from the H100 grids above):\n\n```\n" + cmds + "\n```\n\n" + "\n".join(out) + table2
+            "from the H100 grids above):\n\n```\n" + cmds + "\n```\n\n" + "\n".join(out) + (
+                "\n\n" + old.strip() if old else "") + table2
             + ("\n\n" + verdict if verdict else "") + figs
             + f"\n\nProvenance (mixed rows): {provenance(mixed)}.")
 
