@@ -670,12 +670,18 @@ class _Checkpoint:
                 old.unlink()
 
 
-def _run_key(cfg: QuantConfig, teacher: nn.Module, ids: Tensor) -> str:
-    """What a checkpoint must share with this run: the config (but the folder), float weights, ids."""
+_RESUME_FREE = ("dfqat_ckpt", "dfqat_save_every", "dfqat_grad_ckpt")  # settings a resumed run may change
+
+
+def _run_key(cfg: QuantConfig, teacher: nn.Module, ids: Tensor, resolved: dict | None = None) -> str:
+    """What a checkpoint must share with this run: the config (but the folder), float weights, ids, and the
+    ``resolved`` settings (defaults filled in: a lowbit whose defaults changed does not resume an older run)."""
     from .datafree import model_fingerprint
 
     d = cfg.to_dict()
-    d["extra"] = {k: v for k, v in d["extra"].items() if k != "dfqat_ckpt"}
+    d["extra"] = {k: v for k, v in d["extra"].items() if k not in _RESUME_FREE}
+    if resolved is not None:
+        d["resolved"] = {k: v for k, v in resolved.items() if k not in _RESUME_FREE}
     h = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
     h.update(model_fingerprint(teacher).encode())
     h.update(ids.detach().cpu().contiguous().to(torch.int64).numpy().tobytes())
@@ -918,7 +924,7 @@ def dfqat_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     with training_mode(model):
         teacher = float_teacher(model)
         attach_learnable(model, opts["dfqat_quantizer"])
-        ck = _Checkpoint(opts["dfqat_ckpt"], _run_key(cfg, teacher, ids) if opts["dfqat_ckpt"] else "")
+        ck = _Checkpoint(opts["dfqat_ckpt"], _run_key(cfg, teacher, ids, opts) if opts["dfqat_ckpt"] else "")
         if ck.load():
             _load_model_tensors(model, ck.tensors, ck.meta.get("frozen", []))
             log.info("dfqat: resuming from %s (%d tiles done, end-to-end step %d)", ck.folder,

@@ -972,7 +972,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *([embed[0]] if embed else [])]}
         ebudget = EmbedBudget(mods[embed[0]], opts, index_bits(emb_choices)) if embed else None
         budget = Penalty(block_budgets(model, opts, ib))
-        key = D._run_key(cfg, teacher, ids) if dopts["dfqat_ckpt"] else ""
+        key = D._run_key(cfg, teacher, ids, dopts | opts) if dopts["dfqat_ckpt"] else ""
         ck = D._Checkpoint(dopts["dfqat_ckpt"], key)
         if ck.load():
             D._load_model_tensors(model, ck.tensors, ck.meta.get("frozen", []))

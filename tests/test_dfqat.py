@@ -242,6 +242,11 @@ def test_resume_after_a_tile_and_inside_the_e2e_stage(monkeypatch, tmp_path):
     assert _same_weights(again, ref)
     with pytest.raises(ValueError, match="holds another run"):
         _run(dfqat_ckpt=str(ck), dfqat_tile_steps=9)
+    with monkeypatch.context() as mp:  # a lowbit whose defaults changed does not resume the older run
+        mp.setitem(dfqat.DEFAULTS, "dfqat_kd_temp", 2.0)
+        with pytest.raises(ValueError, match="holds another run"):
+            _run(dfqat_ckpt=str(ck))
+    assert _same_weights(_run(dfqat_ckpt=str(ck), dfqat_save_every=3), ref)  # how often to save is not the run
 
 
 def test_tiled_only_resume_loads_frozen_tiles(monkeypatch, tmp_path):
