@@ -1268,9 +1268,10 @@ Every row is data-free: RTN uses no data; GPTQ is calibrated on, and dfqat and m
 OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid mixed-stories260k --datasets tinystories --calib self --nsamples 128 --calib-seqlen 256 --device cpu --out results/mixed_stories260k
 ```
 
-These rows ran at commit cf7b30a, with dfqat's first defaults (250 steps per tile at learning rates 3e-4
-/ 1e-4, 100 end-to-end steps), which both the dfqat rows and the mixed fine-tune used; the defaults have
-changed since (see the ablations): check out cf7b30a to reproduce this table exactly. The wall times were
+The dfqat rows and the mixed fine-tunes use the same dfqat settings (the current defaults: 75 steps per
+tile, 75 end-to-end steps), except the per-part rows and their control (`mixed-3.0-v1`), which name dfqat's
+first defaults (250 steps per tile at learning rates 3e-4 / 1e-4, 100 end-to-end steps). The noise range has
+learned clipping by default; the `-noclip` rows turn it off (the method as it was before commit 5a4e15f). The wall times were
 taken while other jobs shared the 2 cores: compare them within a row group only loosely.
 
 {mixed_section()}
