@@ -413,8 +413,8 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
                 t[1] += v["params"]
             return ", ".join(f"{k} {b / n:.2f}" for k, (b, n) in sorted(tot.items()))
         lines.append(f"Per-part budgets at 3.0 (the control: learned split {split(ctrl)}, {ppl(ctrl):.2f}"
-                     + ((f"; it reproduces the mixed-3.0 row of commit {by['mixed-3.0'].get('commit', '?')}"
-                         + (" exactly" if ppl(by["mixed-3.0"]) == ppl(ctrl) else f" ({ppl(by['mixed-3.0']):.2f})"))
+                     + (("; it reproduces the mixed-3.0 row exactly" if ppl(by["mixed-3.0"]) == ppl(ctrl) else
+                         f"; mixed-3.0 with its own dfqat settings: {ppl(by['mixed-3.0']):.2f}")
                         if "mixed-3.0" in by else "") + "): " + "; ".join(f"{split(r)}: {ppl(r):.2f}" for _, r in parts)
                      + ". " + ("Moving bits between the parts does not beat the learned split"
                                if all(ppl(r) >= ppl(ctrl) for _, r in parts) else
