@@ -721,8 +721,22 @@ def _data_seconds(r: dict) -> float:
     return float(c.get("seconds_to_make", 0.0)) if isinstance(c, dict) else 0.0
 
 
+def _quant_seconds(r: dict) -> float:
+    """Quantization wall time; for a run resumed from a checkpoint, plus the recorded time of the tiles an
+    earlier process trained (the resumed process's clock misses them)."""
+    tiles = (r.get("dfqat_report") or {}).get("tiles") or []
+    return r["quant_wall_s"] + sum(t.get("seconds", 0.0) for t in tiles if t.get("resumed"))
+
+
+def _quant_cell(r: dict) -> str:
+    rep = r.get("dfqat_report") or {}
+    partial = any(t.get("resumed") for t in rep.get("tiles") or [])
+    unknown = ((rep.get("e2e") or {}).get("resumed_at") or 0) > 0  # the earlier e2e steps' time is not recorded
+    return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: tiles summed)" if partial else "")
+
+
 def _cost(r: dict) -> float:
-    return r["quant_wall_s"] + _data_seconds(r)
+    return _quant_seconds(r) + _data_seconds(r)
 
 
 def _commands(rows: list[dict], prefix: str = "OMP_NUM_THREADS=1 python ") -> str:
@@ -767,7 +781,8 @@ def dfqat_smollm2_section() -> str:
                 lab, r["method"], _calib_cell(r) if r["method"] not in ("rtn", "fp") else "none", _device_cell(r),
                 _f(r["bits"]["blocks_bits_per_param"], 3), _f(_full_ppl(r, "wikitext2")),
                 _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
-                _f(r.get("quant_wall_s"), 0), _f(_data_seconds(r), 0) if is_cpu else "–", ratio,
+                _quant_cell(r) if r.get("quant_wall_s") is not None else "–",
+                _f(_data_seconds(r), 0) if is_cpu else "–", ratio,
                 _peak_cell(r),
             ]) + " |")
         # the verdict, worded from the rows: the combined pipeline against C4-calibrated GPTQ (act-order on the

@@ -103,3 +103,12 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
     assert f"{math.exp(3.5):.2f}: **met**" in text
     assert "--only mixed-2.5" in text and "--only int3-channel-asym" not in text  # CPU commands only
     assert (mixed_dir / "ppl_vs_bits.png").is_file()
+
+
+def test_resumed_rows_count_the_tiles_an_earlier_process_trained():
+    r = {"quant_wall_s": 60.0, "dfqat_report": {"tiles": [{"resumed": True, "seconds": 100.0},
+                                                          {"resumed": False, "seconds": 50.0}], "e2e": None}}
+    assert report._quant_seconds(r) == 160.0 and report._quant_cell(r) == "160 (resumed: tiles summed)"
+    r["dfqat_report"]["e2e"] = {"resumed_at": 20}
+    assert report._quant_cell(r).endswith("(≥, resumed)")
+    assert report._quant_cell({"quant_wall_s": 5.0}) == "5"
