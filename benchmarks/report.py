@@ -380,6 +380,12 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
                          cmp("mixed-2.5", 3, "Goal 2, mixed 2.5 better than uniform 3-bit per-channel"),
                          cmp("mixed-3.3-same-size", 3, "Same real size as int3 per-channel"),
                          cmp("mixed-2.3-same-size", 2, "Same real size as int2 per-channel")) if x]
+    for t in ("2.5", "3.0", "4.0"):  # a goal row that happens to be no larger than a uniform row of about its size
+        m = by.get(f"mixed-{t}")
+        for b in (2, 3, 4):
+            u = best(b)
+            if m and u and 0 <= u["bits"]["blocks_bits_per_param"] - m["bits"]["blocks_bits_per_param"] <= 0.1:
+                lines.append(cmp(f"mixed-{t}", b, f"About the real size of int{b} per-channel (mixed not larger)"))
     bm = (by.get("mixed-3.0", {}).get("mixed_report") or {}).get("bit_map")
     if bm:
         per = {}

@@ -94,8 +94,12 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
     (mixed_dir / "before_clip").mkdir()  # the same row from an earlier commit, kept for the comparison
     (mixed_dir / "before_clip" / "mixed-2.5.json").write_text(json.dumps(
         record("mixed-2.5", "mixed", 2.5, [4.0] * 40, "cpu (x86_64, 1 threads)") | {"commit": "old1"}))
+    (mixed_dir / "mixed-3.0.json").write_text(json.dumps(
+        record("mixed-3.0", "mixed", 3.0, [2.0] * 40, "cpu (x86_64, 1 threads)")))
     monkeypatch.setattr(report, "RES", res)
     text = report.mixed_smollm2_section()
+    assert (f"About the real size of int3 per-channel (mixed not larger): mixed 3.000 bits/param {math.exp(2.0):.2f}"
+            in text and "**mixed better**" in text)
     assert f"full row range: at 2.5, {math.exp(3.0):.2f} vs {math.exp(4.0):.2f}" in text
     assert "`mixed-2.5-noclip` is `mixed-2.5` run at commit old1" in text
     assert "Goal 2, mixed 2.5 better than uniform 3-bit per-channel" in text
