@@ -150,6 +150,12 @@ GRIDS["mixed-stories260k"] += [
 GRIDS["mixed-stories260k"] += [
     Setting(f"mixed-{t}-noclip", "mixed", W("int8", "channel"), full=True,
             extra={"mixed_target_bits": t, "mixed_noise_clip": False}) for t in (2.5, 3.0)]
+# ablation: no noise phase; the widths come from the diagonal-Fisher repair alone (every row starts at the
+# target + 2 and the greedy repair lowers the least sensitive rows to the budget): what the noise phase buys
+GRIDS["mixed-stories260k"] += [
+    Setting(f"mixed-{t}-fisher-only", "mixed", W("int8", "channel"), full=True,
+            extra={"mixed_target_bits": t, "mixed_noise_tile_steps": 0, "mixed_noise_e2e_steps": 0})
+    for t in (2.5, 3.0)]
 
 
 # issue 4, LLM-QAT's W4A8KV4 on stories260K: int4 per-channel symmetric weights (LLM-QAT's weight grid; any row

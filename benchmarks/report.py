@@ -304,7 +304,7 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str, ppl=None, ylabel:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*")):
         pts = sorted((r["bits"]["blocks_bits_per_param"], ppl(r)) for r in rows
-                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip")) and ppl(r))
+                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip", "fisher-only")) and ppl(r))
         if pts:
             ax.plot(*zip(*pts), marker=marker, label=method if method != "mixed" else "mixed (learned widths)")
     fp = next((r for r in rows if r["method"] == "fp"), None)
@@ -407,6 +407,12 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
     if clip:
         lines.append("Learned clipping of the noise range vs the full row range: "
                      + "; ".join(f"at {t}, {ppl(a):.2f} vs {ppl(b):.2f}" for t, a, b in clip))
+    fo = [(t, by[f"mixed-{t}"], by[f"mixed-{t}-fisher-only"]) for t in ("2.5", "3.0")
+          if f"mixed-{t}" in by and f"mixed-{t}-fisher-only" in by]
+    if fo:
+        lines.append("Widths learned by noise injection vs set by the Fisher-greedy repair alone (no noise phase): "
+                     + "; ".join(f"at {t}, {ppl(a):.2f} vs {ppl(b):.2f} (quantization time "
+                                 f"{a['quant_wall_s'] / b['quant_wall_s']:.1f}x the Fisher-only row's)" for t, a, b in fo))
     ctrl = by.get("mixed-3.0-v1")
     parts = [(lab, by[lab]) for lab in ("mixed-3.0-attn2.5", "mixed-3.0-attn3.5") if lab in by]
     if ctrl and parts:
@@ -469,7 +475,10 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
         c = r.get("config") or {}
         w = c.get("weight")
         ex = c.get("extra") or {}
-        setting = ("float" if not w else (f"target {ex['mixed_target_bits']} learned widths"
+        fisher_only = ex.get("mixed_noise_tile_steps") == 0 and ex.get("mixed_noise_e2e_steps") == 0
+        setting = ("float" if not w else (f"target {ex['mixed_target_bits']} "
+                                          + ("widths by Fisher-greedy repair alone (no noise phase)" if fisher_only
+                                             else "learned widths")
                                           + (", no pruning" if ex.get("mixed_prune") is False else "")
                                           + (", noise over the full row range (no learned clipping)"
                                              if ex.get("mixed_noise_clip") is False else "")
@@ -1292,7 +1301,10 @@ OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid mixed
 The dfqat rows and the mixed fine-tunes use the same dfqat settings (the current defaults: 75 steps per
 tile, 75 end-to-end steps), except the per-part rows and their control (`mixed-3.0-v1`), which name dfqat's
 first defaults (250 steps per tile at learning rates 3e-4 / 1e-4, 100 end-to-end steps). The noise range has
-learned clipping by default; the `-noclip` rows turn it off (the method as it was before commit 5a4e15f). The wall times were
+learned clipping by default; the `-noclip` rows turn it off (the method as it was before commit 5a4e15f). The
+`-fisher-only` rows skip the noise phase (`mixed_noise_tile_steps=0`, `mixed_noise_e2e_steps=0`): every row starts at
+the target + 2 bits and the diagonal-Fisher greedy repair alone sets the widths (a HAWQ-style allocation, no
+pruning), then the same fine-tune. The wall times were
 taken while other jobs shared the 2 cores: compare them within a row group only loosely.
 
 {mixed_section()}

@@ -58,7 +58,9 @@ part's Linears alone, metadata included, get their own Lagrangian term and their
 the blocks gets what is left of ``mixed_target_bits``, which may be omitted when both parts have one),
 ``mixed_init_bits`` (start, default the part's target + 2), ``mixed_prune``,
 ``mixed_bits_lr``, ``mixed_gate_lr``, ``mixed_eta`` (dual step), ``mixed_anneal``, ``mixed_fisher_batches``,
-``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps``, ``mixed_noise_clip``, ``mixed_keep_noise_weights`` (fine-tune from the noise
+``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps`` (both 0: no noise phase, every row starts at
+``mixed_init_bits`` and the widths come from the Fisher-greedy repair alone, a HAWQ-style baseline without
+pruning), ``mixed_noise_clip``, ``mixed_keep_noise_weights`` (fine-tune from the noise
 phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_embed_range`` (widths per
 vocabulary row of the token-embedding table under its own budget, learned in the end-to-end stages only, a
 tied head sharing them; rows are never pruned). Both phases use the other ``dfqat_*`` settings (tile
@@ -151,8 +153,6 @@ def settings(cfg: QuantConfig) -> dict:
                          f"{o['mixed_choices']!r}") from None
     if any(c < 0 or c > 8 for c in choices) or not [c for c in choices if c > 0]:
         raise ValueError(f"mixed_choices must be widths in 0..8 with at least one above 0, got {o['mixed_choices']!r}")
-    if o["mixed_noise_tile_steps"] + o["mixed_noise_e2e_steps"] == 0:
-        raise ValueError("mixed_noise_tile_steps and mixed_noise_e2e_steps are both 0: the widths would never be learned")
     if not o["mixed_prune"]:
         choices = [c for c in choices if c > 0]
     elif 0 not in choices:

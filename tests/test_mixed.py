@@ -263,6 +263,19 @@ def test_checkpoint_rerun_gives_the_same_model(tmp_path):
     assert all(torch.equal(sa[k], c.state_dict()[k]) for k in sa)
 
 
+def test_no_noise_phase_allocates_by_fisher_alone():
+    """Both noise stages at 0: every row starts at the same width and the Fisher-greedy repair alone sets the
+    widths: the budget is still met exactly, the widths differ across rows, no row is pruned, and no noise
+    step ran."""
+    model = _run(3.0, mixed_noise_tile_steps=0, mixed_noise_e2e_steps=0)
+    rep = model.mixed_report
+    assert rep["noise"]["tiles"] == [] and rep["noise"]["e2e"] is None and rep["noise"]["budget"] == []
+    assert 2.9 < size_report(model)["blocks_bits_per_param"] <= 3.0 + 1e-9
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len({int(b) for m in lins for b in m.w_bits.unique()}) > 1
+    assert all(int(m.w_bits.min()) >= 2 and (m.w_col_keep is None or bool(m.w_col_keep.all())) for m in lins)
+
+
 def test_pruning_happens_under_a_tight_budget():
     model = _run(2.2, mixed_gate_lr=0.5, mixed_eta=1.0)
     lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
