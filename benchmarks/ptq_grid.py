@@ -6,7 +6,9 @@ JSON holds the settings, the calibration set, the exact bits per parameter (bloc
 per-window NLLs (so any prefix of the split can be re-scored), quantization wall time, peak memory,
 seed, commit and device. ``--ckpt`` checkpoints the data-free QAT rows (a killed run resumes from its last
 tile or step; the record then says ``resumed_from_checkpoint``); ``--windows-for c4=40`` scores one set on a
-fixed prefix even in full-split rows (for CPU runs).
+fixed prefix even in full-split rows (for CPU runs). ``--extend`` scores more windows of rows that exist: the
+model is rebuilt (a dfqat/mixed row from its finished ``--ckpt``), must reproduce the recorded first window, and
+only the missing windows run; the record keeps the original run's quantization time and says what was added.
 
     python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --out results/rtn_smollm2
     python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 \
@@ -280,9 +282,25 @@ def _resumed(obj) -> bool:
     return isinstance(obj, list) and any(_resumed(v) for v in obj)
 
 
+def _needs_more(rec: dict, datasets: list[str], windows: int | None, windows_for: dict[str, int]) -> bool:
+    """Whether ``rec`` lacks a set or scored fewer windows of one than this run asks for."""
+    for ds in datasets:
+        m = rec["metrics"].get(ds)
+        if m is None:
+            return True
+        want = windows_for[ds] if ds in windows_for else windows
+        if want is not None and windows is not None:
+            want = min(want, windows)
+        if m["windows"] < min(m["windows_total"], want or m["windows_total"]):
+            return True
+    return False
+
+
 def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None, seqlen: int | None, seed: int,
             meta: dict, out: str, device: str, calib: Calibration, windows_for: dict[str, int] | None = None,
-            ckpt: str | None = None) -> dict:
+            ckpt: str | None = None, previous: dict | None = None) -> dict:
+    """One row: quantize, score every set, return the record. ``previous``: the row's existing record, for
+    ``--extend`` (its scored windows are kept after the rebuilt model is checked to reproduce its first one)."""
     model, tok = load_model(model_id)
     model.to(device)
     peak_scope = "row" if reset_peak_memory(device) else "process"  # each row's own peak, model loaded
@@ -305,7 +323,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
             torch.cuda.synchronize()
     quant_s = time.time() - t0
     peak = peak_memory_mb(device)
-    metrics = {}
+    metrics, checks = {}, {}
     for ds in datasets:
         ids = eval_ids(ds, tok, seqlen)
         ds_windows = windows
@@ -316,6 +334,18 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         key = {"config": None if cfg is None else cfg.to_dict(), "dataset": ds, "seqlen": seqlen,
                "windows": ds_windows}
         done, prev_time = [], 0.0
+        old_m = (previous or {}).get("metrics", {}).get(ds)
+        if old_m and old_m.get("window_nlls"):
+            done, prev_time = list(old_m["window_nlls"]), old_m["wall_s"]
+            x = ids[:seqlen].unsqueeze(0).to(next(model.parameters()).device)
+            with torch.no_grad():
+                again = torch.nn.functional.cross_entropy(model(x, use_cache=False).logits[0, :-1].float(),
+                                                          x[0, 1:]).item()
+            if abs(again - done[0]) > 1e-3 * max(1.0, abs(done[0])):
+                raise ValueError(f"--extend: the rebuilt model scores {ds} window 0 at NLL {again:.5f}, the record "
+                                 f"at {done[0]:.5f}: the code or the checkpoint changed; delete the JSON and rerun "
+                                 "the row")
+            checks[ds] = {"window": 0, "nll_recorded": done[0], "nll_rebuilt": again}
         if partial.exists():
             old = json.loads(partial.read_text())
             if old["key"] == key:
@@ -335,7 +365,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {
+    rec = {
         "model": model_name(model_id), "label": s.label, "method": s.method,
         "config": None if cfg is None else cfg.to_dict(), "datasets": datasets,
         "quantized": "none" if cfg is None else "every Linear in the decoder blocks; embeddings and head in fp16"
@@ -351,6 +381,24 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         **reports,
         **meta,
     }
+    if previous is None:
+        return rec
+    # --extend: the record of the original run (its quantization time, memory, training report, commit) with
+    # more windows scored; what the extension ran is said in "extended"
+    if rec["bits"]["blocks_bits_per_param"] != previous["bits"]["blocks_bits_per_param"]:
+        raise ValueError("--extend: the rebuilt model's bits per parameter differ from the record's; rerun the row")
+    ext = {"commit": meta["commit"], "date": meta.get("date"), "command": meta.get("command"),
+           "wall_s": quant_s + sum(m["wall_s"] - ((previous["metrics"].get(ds) or {}).get("wall_s") or 0)
+                                   for ds, m in metrics.items()),
+           "windows_before": {ds: m["windows"] for ds, m in previous["metrics"].items()}, "checks": checks}
+    merged = dict(previous["metrics"])
+    for ds, m in metrics.items():  # a set the record already scored on more windows keeps them
+        if ds not in merged or m["windows"] >= merged[ds]["windows"]:
+            merged[ds] = m
+    return dict(previous, metrics=merged, datasets=[*previous["datasets"],
+                                                    *(d for d in datasets if d not in previous["datasets"])],
+                eval_wall_s=sum(m["wall_s"] for m in merged.values()),
+                extended=[*previous.get("extended", []), ext])
 
 
 def main() -> None:
@@ -372,6 +420,10 @@ def main() -> None:
                     help="per-set window caps, e.g. c4=40: that set is scored on a fixed prefix even in full-split rows")
     ap.add_argument("--ckpt", default=None,
                     help="checkpoint folder for the dfqat/mixed rows (<ckpt>/<label>): a killed run resumes there")
+    ap.add_argument("--extend", action="store_true",
+                    help="rows whose JSON exists but scored fewer windows than asked now are rebuilt (dfqat/mixed "
+                         "rows from their finished --ckpt), checked to reproduce their first window, and scored on "
+                         "the missing windows only; the record keeps the original run's times")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -402,13 +454,16 @@ def main() -> None:
             print(f"stopping before {s.label}: --stop-after {args.stop_after:.0f}s reached", flush=True)
             break
         path = Path(args.out) / f"{s.label}.json"
-        if path.exists():
-            print(f"skip {s.label} (exists)")
-            continue
         windows = None if (s.full or args.full_split) else args.windows
+        previous = None
+        if path.exists():
+            previous = json.loads(path.read_text()) if args.extend else None
+            if previous is None or not _needs_more(previous, datasets, windows, windows_for):
+                print(f"skip {s.label} (exists)")
+                continue
         try:
             rec = run_one(args.model, s, datasets, windows, args.seqlen, args.seed, meta, args.out, device, calib,
-                          windows_for, args.ckpt)
+                          windows_for, args.ckpt, previous)
         except (ValueError, RuntimeError, TypeError, KeyError) as e:  # one failing method must not stop a long grid
             print(f"{s.label}: FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}", flush=True)
             continue

@@ -63,6 +63,40 @@ def test_grid_run_caps_windows_and_resumes_from_its_checkpoint(tmp_path, monkeyp
     assert b["metrics"]["tinystories"]["ppl"] == a["metrics"]["tinystories"]["ppl"]
 
 
+@needs_shared
+def test_extend_scores_only_the_missing_windows_and_keeps_the_original_record(tmp_path, monkeypatch, capsys):
+    """--extend rebuilds a dfqat row from its finished checkpoint, checks it reproduces window 0, scores only
+    the new windows and keeps the original quantization time; a record the rebuilt model does not reproduce is
+    refused and left as it was."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    argv = ["ptq_grid.py", "--model", "stories260k", "--grid", "dfqat-stories260k", "--only", "dfqat-tiled-w3-g32",
+            "--datasets", "tinystories", "--windows-for", "tinystories=2", "--calib", "self", "--nsamples", "8",
+            "--calib-seqlen", "32", "--device", "cpu", "--ckpt", str(ck), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    ptq_grid.main()
+    path = out / "dfqat-tiled-w3-g32.json"
+    a = json.loads(path.read_text())
+    monkeypatch.setattr(sys, "argv", [x if x != "tinystories=2" else "tinystories=4" for x in argv] + ["--extend"])
+    ptq_grid.main()
+    b = json.loads(path.read_text())
+    ma, mb = a["metrics"]["tinystories"], b["metrics"]["tinystories"]
+    assert mb["windows"] == 4 and mb["window_nlls"][:2] == ma["window_nlls"] and mb["windows_resumed"] == 2
+    assert b["quant_wall_s"] == a["quant_wall_s"] and b["commit"] == a["commit"]
+    chk = b["extended"][0]["checks"]["tinystories"]
+    assert abs(chk["nll_rebuilt"] - chk["nll_recorded"]) < 1e-4
+    assert b["extended"][0]["windows_before"] == {"tinystories": 2}
+    # nothing more to score: skipped
+    ptq_grid.main()
+    assert "skip dfqat-tiled-w3-g32 (exists)" in capsys.readouterr().out
+    # a record the rebuilt model does not reproduce: refused, file untouched
+    b["metrics"]["tinystories"]["window_nlls"][0] += 0.5
+    path.write_text(json.dumps(b))
+    monkeypatch.setattr(sys, "argv", [x if x != "tinystories=2" else "tinystories=6" for x in argv] + ["--extend"])
+    ptq_grid.main()
+    assert "FAILED: --extend: the rebuilt model scores tinystories window 0" in capsys.readouterr().out
+    assert json.loads(path.read_text())["metrics"]["tinystories"]["windows"] == 4
+
+
 @pytest.mark.parametrize("section", ["dfqat_smollm2_section", "ptq_section", "kv_section", "peers_section"])
 def test_report_sections_render_from_the_committed_records(section):
     text = getattr(report, section)()
