@@ -547,6 +547,20 @@ def mixed_smollm2_section() -> str:
             _f(r.get("quant_wall_s"), 0), _peak_cell(r)]) + " |")
     table2 = _where_bits_went([(k, by[k]) for k in order])
     verdict = _mixed_verdict(by, "wikitext2", ppl=ppl)
+    full = {k: r for k, r in by.items() if _full_ppl(r, "wikitext2") is not None}
+    vfull = _mixed_verdict(full, "wikitext2", ppl=lambda r: _full_ppl(r, "wikitext2")) if any(
+        r["method"] == "mixed" for r in full.values()) else ""
+    if vfull:
+        verdict = (f"On the first {PREFIX} windows (every row):\n\n{verdict}\n\nOn the full split (the rows scored "
+                   f"on all of it: {', '.join(sorted(k for k in full if k != 'fp'))}):\n\n{vfull}")
+    ext = sorted(k for k, r in by.items() if r.get("extended"))
+    if ext:
+        verdict += ("\n\nRows extended to more windows after their run (`--extend`: rebuilt from their finished "
+                    "checkpoint, their first window re-scored and checked against the record, their quantization "
+                    "time that of the original run): " + ", ".join(
+                        f"{k} (window 0 NLL {by[k]['extended'][-1]['checks']['wikitext2']['nll_recorded']:.4f} "
+                        f"recorded, {by[k]['extended'][-1]['checks']['wikitext2']['nll_rebuilt']:.4f} rebuilt)"
+                        if "wikitext2" in by[k]["extended"][-1]["checks"] else k for k in ext) + ".")
     rows = list(by.values())
     pngs = _mixed_plots(rows, RES / SMOL_MIXED, "wikitext2", ppl=ppl,
                         ylabel=f"WikiText-2 perplexity, first {PREFIX} windows")
@@ -756,7 +770,8 @@ def _cost(r: dict) -> float:
 
 def _commands(rows: list[dict], prefix: str = "OMP_NUM_THREADS=1 python ") -> str:
     """The exact commands that produced ``rows``, as recorded in each of them (unique, in first-seen order)."""
-    seen = dict.fromkeys(prefix + r["command"] for r in rows if r.get("command"))
+    seen = dict.fromkeys(prefix + c for r in rows
+                         for c in [r.get("command"), *(e.get("command") for e in r.get("extended", []))] if c)
     return "\n".join(seen)
 
 

@@ -141,6 +141,23 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
     assert f"{math.exp(3.5):.2f}: **met**" in text
     assert "--only mixed-2.5" in text and "--only int3-channel-asym" not in text  # CPU commands only
     assert (mixed_dir / "ppl_vs_bits.png").is_file()
+    assert "On the full split" not in text  # no mixed row scored the whole split yet
+
+    # the same mixed row extended to the full split: then the goal is also judged there, where it is not met
+    ext = record("mixed-2.5", "mixed", 2.5, [3.0] * 40 + [1.5] * 108, "cpu (x86_64, 1 threads)") | {"extended": [
+        {"command": "benchmarks/ptq_grid.py --only mixed-2.5 --extend", "checks": {
+            "wikitext2": {"window": 0, "nll_recorded": 3.0, "nll_rebuilt": 3.00001}}}]}
+    (mixed_dir / "mixed-2.5.json").write_text(json.dumps(ext))
+    text = report.mixed_smollm2_section()
+    first, full = text.split("On the full split")
+    assert f"{math.exp(3.5):.2f}: **met**" in first
+    full_ppl = math.exp((3.0 * 40 + 1.5 * 108) / 148)
+    rtn_full = math.exp((3.5 * 40 + 1.0 * 108) / 148)
+    assert f"mixed 2.500 bits/param {full_ppl:.2f} vs the best uniform int3 per-channel row" in full
+    assert f"{rtn_full:.2f}: **not met**" in full
+    assert "mixed-3.0" not in full.split("\n\n")[0]  # the 40-window row is not among the full-split rows
+    assert "mixed-2.5 (window 0 NLL 3.0000 recorded, 3.0000 rebuilt)" in text
+    assert "--only mixed-2.5 --extend" in text
 
 
 def test_resumed_rows_count_the_tiles_an_earlier_process_trained():
