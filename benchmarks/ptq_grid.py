@@ -461,6 +461,11 @@ def main() -> None:
             if previous is None or not _needs_more(previous, datasets, windows, windows_for):
                 print(f"skip {s.label} (exists)")
                 continue
+            ck_state = Path(args.ckpt or "") / s.label / "state.json"
+            if s.method in ("dfqat", "mixed") and not (args.ckpt and ck_state.is_file()):
+                print(f"{s.label}: FAILED: --extend needs the row's finished checkpoint ({ck_state} not found; pass "
+                      "the --ckpt of its run) or it would train again; rerun the row instead", flush=True)
+                continue
         try:
             rec = run_one(args.model, s, datasets, windows, args.seqlen, args.seed, meta, args.out, device, calib,
                           windows_for, args.ckpt, previous)

@@ -95,6 +95,10 @@ def test_extend_scores_only_the_missing_windows_and_keeps_the_original_record(tm
     ptq_grid.main()
     assert "FAILED: --extend: the rebuilt model scores tinystories window 0" in capsys.readouterr().out
     assert json.loads(path.read_text())["metrics"]["tinystories"]["windows"] == 4
+    # without the checkpoint the row would train again: refused before any work
+    monkeypatch.setattr(sys, "argv", [x for x in sys.argv if x not in ("--ckpt", str(ck))])
+    ptq_grid.main()
+    assert "FAILED: --extend needs the row's finished checkpoint" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("section", ["dfqat_smollm2_section", "ptq_section", "kv_section", "peers_section"])
