@@ -137,7 +137,7 @@ GRIDS["mixed-stories260k"] = [
         Setting(f"gptq-w{b}-channel", "gptq", w, full=True),
         Setting(f"dfqat-w{b}-channel", "dfqat", w, full=True))],
     *[Setting(f"mixed-{t}-same-size", "mixed", W("int8", "channel"), full=True, extra={"mixed_target_bits": t})
-      for t in (2.3, 3.3)],  # the exact real size of uniform int2 / int3 per-channel
+      for t in (2.3, 3.3, 4.3)],  # about the real size of uniform int2 / int3 / int4 per-channel
     Setting("mixed-3.0-noprune", "mixed", W("int8", "channel"), full=True,
             extra={"mixed_target_bits": 3.0, "mixed_prune": False}),
 ]

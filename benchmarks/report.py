@@ -378,6 +378,7 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
 
     lines = [x for x in (cmp("mixed-3.0", 4, "Goal 1, mixed 3.0 at least as good as uniform 4-bit per-channel"),
                          cmp("mixed-2.5", 3, "Goal 2, mixed 2.5 better than uniform 3-bit per-channel"),
+                         cmp("mixed-4.3-same-size", 4, "Same real size as int4 per-channel"),
                          cmp("mixed-3.3-same-size", 3, "Same real size as int3 per-channel"),
                          cmp("mixed-2.3-same-size", 2, "Same real size as int2 per-channel")) if x]
     for t in ("2.5", "3.0", "4.0"):  # a goal row that happens to be no larger than a uniform row of about its size
