@@ -1344,9 +1344,10 @@ SmolLM2's 576-wide rows are not, so the script skips them here.
 `--method mixed --target-bits B` on SmolLM2-135M (576-wide rows: per-row metadata costs about 0.03
 bits/param, against 0.3 on stories260K), trained on 128 x 256 ids the float model wrote itself (no data),
 with the SmolLM2 dfqat learning rates (tiles 3e-4, end to end 1e-4). Uniform per-channel rows beside it:
-RTN from the H100 RTN grid, GPTQ (C4-calibrated, 128 x 2048) and dfqat from the CPU runs of the issue-4
-section. On the CPU the rows are scored on the first {PREFIX} WikiText-2 windows and the first {PREFIX} C4
-windows; the comparison uses the same {PREFIX} windows for every row.
+RTN from the H100 RTN grid, GPTQ (C4-calibrated, 128 x 2048) and dfqat from the CPU runs (the issue-4 section's,
+and `dfqat-w4-channel` from the mixed grid, with the same settings). On the CPU the rows are scored on the first
+{PREFIX} WikiText-2 windows and the first {PREFIX} C4 windows, and the comparison uses the same {PREFIX} windows for
+every row; rows later extended to the whole WikiText-2 split (`--extend`, below) are also compared there.
 
 {mixed_smollm2_section()}
 
