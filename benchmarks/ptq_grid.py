@@ -421,7 +421,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None,
                     help="checkpoint folder for the dfqat/mixed rows (<ckpt>/<label>): a killed run resumes there")
     ap.add_argument("--extend", action="store_true",
-                    help="rows whose JSON exists but scored fewer windows than asked now are rebuilt (dfqat/mixed "
+                    help="only rows that exist: those whose JSON scored fewer windows than asked now are rebuilt (dfqat/mixed "
                          "rows from their finished --ckpt), checked to reproduce their first window, and scored on "
                          "the missing windows only; the record keeps the original run's times")
     ap.add_argument("--device", default="auto")
@@ -456,6 +456,9 @@ def main() -> None:
         path = Path(args.out) / f"{s.label}.json"
         windows = None if (s.full or args.full_split) else args.windows
         previous = None
+        if args.extend and not path.exists():
+            print(f"skip {s.label} (no record to extend)")
+            continue
         if path.exists():
             previous = json.loads(path.read_text()) if args.extend else None
             if previous is None or not _needs_more(previous, datasets, windows, windows_for):

@@ -85,9 +85,13 @@ def test_extend_scores_only_the_missing_windows_and_keeps_the_original_record(tm
     chk = b["extended"][0]["checks"]["tinystories"]
     assert abs(chk["nll_rebuilt"] - chk["nll_recorded"]) < 1e-4
     assert b["extended"][0]["windows_before"] == {"tinystories": 2}
-    # nothing more to score: skipped
+    # nothing more to score: skipped; a row without a record is not run by --extend
+    monkeypatch.setattr(sys, "argv", [x if x != "dfqat-tiled-w3-g32" else "dfqat-tiled-w3-g32,rtn-w3-g32"
+                                      for x in sys.argv])
     ptq_grid.main()
-    assert "skip dfqat-tiled-w3-g32 (exists)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "skip dfqat-tiled-w3-g32 (exists)" in out_text and "skip rtn-w3-g32 (no record to extend)" in out_text
+    assert not (out / "rtn-w3-g32.json").exists()
     # a record the rebuilt model does not reproduce: refused, file untouched
     b["metrics"]["tinystories"]["window_nlls"][0] += 0.5
     path.write_text(json.dumps(b))
