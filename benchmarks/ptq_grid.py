@@ -213,6 +213,13 @@ GRIDS["dfqat-cost-stories260k"] = [Setting("fp", full=True)] + [row for suffix, 
     _dfq(f"dfqat-v1-{suffix}", w, **DFQAT_V1))]
 
 
+# (g) which learnable quantizer: straight-through min-max, LSQ (the default), LSQ+, LWC at int3 and int2 g32, and
+# ParetoQ's stretched 2-bit grid (stored as int2 with a float zero-point 1.5: +16 bits per group, counted)
+GRIDS["dfqat-quantizer-stories260k"] = [
+    *[_dfq(f"dfqat-{k}-{suffix}", w, dfqat_quantizer=k) for suffix, w in _S260_G32 for k in ("ste", "lsq", "lsq+", "lwc")],
+    _dfq("dfqat-paretoq-w2-g32", dict(W("int2", "g32"), zero_point="float"), dfqat_quantizer="paretoq")]
+
+
 # SmolLM2 rows of issues 4 and 5 (run with --calib self --nsamples 128 --calib-seqlen 256; GPTQ rows take C4 at
 # GPTQ's own 128 x 2048 through their `calib`). The dfqat learning rates for this model: the defaults were tuned on
 # stories260K, whose weights are far larger; benchmarks/dfqat_probe.py on PTB (results/dfqat_lr_probe_smollm2)

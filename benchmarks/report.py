@@ -611,6 +611,7 @@ ABL_RUNS = {  # folder under results/dfqat_ablations_stories260k: (grid, data op
     "data-tinystories": ("dfqat-data-stories260k", "--calib tinystories --nsamples 128 --calib-seqlen 256"),
     "cost": ("dfqat-cost-stories260k", "--calib self --nsamples 128 --calib-seqlen 256"),
     "cost-rep2": ("dfqat-cost-stories260k", "--calib self --nsamples 128 --calib-seqlen 256"),  # the same, again
+    "quantizer": ("dfqat-quantizer-stories260k", "--calib self --nsamples 128 --calib-seqlen 256"),
 }
 TIE = 0.01  # one seed: relative perplexity differences below this are called ties
 
@@ -1117,6 +1118,37 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
                "GPTQ's time.\n\n" + "\n".join(rows_f)
                + f"\n\nProvenance: {_abl_provenance(d['cost'] + d['cost-rep2'])}.\n\n"
                "What it says: " + "; ".join(sf) + ".")
+    # (g) learnable quantizers
+    qz = by["quantizer"]
+    kinds = {"ste": "straight-through min-max (`ste`)", "lsq": "LSQ (`lsq`, the default)",
+             "lsq+": "LSQ+ (`lsq+`)", "lwc": "learned weight clipping (`lwc`, OmniQuant)",
+             "paretoq": "ParetoQ stretched 2-bit grid (`paretoq`)"}
+    rows_g = ["| quantizer | int3 held-out | int3 train text | int3 bits/param | int2 held-out | int2 train text | "
+              "int2 bits/param | int3 / int2 quant s |", "|---|---|---|---|---|---|---|---|"]
+    for k, name in kinds.items():
+        r3, r2 = qz.get(f"dfqat-{k}-w3-g32"), qz.get(f"dfqat-{k}-w2-g32")
+        if r3 is None and r2 is None:
+            continue
+        bits = lambda r: _f(r["bits"]["blocks_bits_per_param"], 3) if r else "–"  # noqa: E731
+        rows_g.append(f"| {name} | {_f(_ppl(r3))} | {_f(_ppl(r3, 'tinystories-train'))} | {bits(r3)} | "
+                      f"{_f(_ppl(r2))} | {_f(_ppl(r2, 'tinystories-train'))} | {bits(r2)} | "
+                      f"{_f((r3 or {}).get('quant_wall_s'), 1)} / {_f((r2 or {}).get('quant_wall_s'), 1)} |")
+    if qz:
+        sg = []
+        for suffix, fname in (("w3-g32", "int3"), ("w2-g32", "int2")):
+            got = [(k, _ppl(qz.get(f"dfqat-{k}-{suffix}"))) for k in kinds]
+            got = [(k, v) for k, v in got if v is not None]
+            if got:
+                bk, bv = min(got, key=lambda x: x[1])
+                sg.append(f"{fname}: best `{bk}` {bv:.2f}; " + ", ".join(
+                    f"`{k}` {v:.2f} ({100 * (v / bv - 1):+.1f}%)" for k, v in got if k != bk))
+        out.append("### (g) Which learnable quantizer\n\nThe same dfqat run (defaults, 128 x 256 generated "
+                   "tokens) with each quantizer of `lowbit.learnable` (`--opt dfqat_quantizer=KIND`), int3 and "
+                   "int2 g32 asymmetric. ParetoQ's grid `{-1.5, -0.5, 0.5, 1.5} s` exists at 2 bits only; it is "
+                   "stored as int2 with a float zero-point 1.5 per group (16 more bits per group of 32: the "
+                   "bits/param column counts them).\n\n" + "\n".join(rows_g)
+                   + f"\n\nProvenance: {_abl_provenance(d['quantizer'])}.\n\nWhat it says (held-out): "
+                   + "; ".join(sg) + ".")
     missing = [f"{k}/{s.label}" for k, (grid, _) in ABL_RUNS.items() for s in GRIDS[grid]
                if s.label not in by[k]]
     if missing:

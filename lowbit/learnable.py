@@ -37,7 +37,10 @@ The quantizers (``make_quantizer(kind, weight, spec)``):
   only). LSQ+'s offset ``beta`` is ``-s z`` here with ``z`` rounded to an integer in ``[0, 2^b - 1]``
   (straight-through; fp16-rounded instead when the spec has ``zero_point="float"``), because that is
   what lowbit stores. As in LSQ+, the offset only receives gradient from clipped weights
-  (``dw_hat/dz = -s`` there, 0 inside); it is scaled by the same ``g``.
+  (``dw_hat/dz = -s`` there, 0 inside); it is scaled by the same ``g``. The parameter is the offset in weight
+  units, ``offset = s0 z`` (``s0`` the initial scale, fixed), as LSQ+'s ``beta`` is: an optimizer step then
+  moves ``z`` by about ``lr / s0`` levels (a zero-point learned in integer units moves ``lr`` levels a step,
+  and at QAT learning rates its rounded value never changes: LSQ+ was then LSQ to every digit).
 * ``"lwc"`` :class:`LWC` (OmniQuant): sigmoid-parametrised clipping of each group's min and max,
   :class:`lowbit.omniquant.LWC` with a ``(weight, spec)`` constructor.
 * ``"paretoq"`` :class:`ParetoQ2bit` (ParetoQ's stretched elastic quantization, METHODS.md 4.3): the
@@ -147,7 +150,11 @@ class LSQ(LearnableQuantizer):
         scale, zero = self._init_params(w, xg, lay, mask, q_pos, init)
         self.scale = nn.Parameter(scale)
         if self.learn_zero:
-            self.zero = nn.Parameter(zero)
+            # LSQ+'s offset lives in weight units (beta = s0 z, s0 the initial scale): an optimizer step of lr moves
+            # the zero-point by lr / s0 levels, as a step moves the scale by lr; learned in integer units it
+            # would move lr levels a step and (rounded) never change at QAT learning rates
+            self.register_buffer("zero_unit", scale.detach().abs().clamp_min(1e-8).clone())
+            self.offset = nn.Parameter(zero * self.zero_unit)
         else:
             self.register_buffer("zero", zero)
         self.register_buffer("grad_scale", 1.0 / torch.sqrt(n * q_pos).expand_as(scale).clone())
@@ -220,6 +227,11 @@ class LSQPlus(LSQ):
     """LSQ with a learned (integer, or fp16 with ``zero_point="float"``) zero-point: asymmetric INT only."""
 
     learn_zero = True
+
+    @property
+    def zero(self) -> Tensor:
+        """The learned zero-point in integer units, before rounding (the parameter is ``offset = s0 z``)."""
+        return self.offset / self.zero_unit
 
     def _check(self, spec: QuantSpec, name: str) -> None:
         super()._check(spec, name)

@@ -148,7 +148,7 @@ def test_lsq_scale_and_lsq_plus_zero_gradients_match_the_hand_derived_values():
         with torch.no_grad():
             q.scale.fill_(0.375)  # fp16-exact, small enough that the extremes are clipped
             if cls is LSQPlus:
-                q.zero.copy_(torch.tensor([[[3.0]], [[4.0]]]))
+                q.offset.copy_(torch.tensor([[[3.0]], [[4.0]]]) * q.zero_unit)
         (q(W) * c).sum().backward()
         qmax = spec.fmt.qmax
         q_pos = 3 if spec.symmetric else 7
@@ -157,7 +157,8 @@ def test_lsq_scale_and_lsq_plus_zero_gradients_match_the_hand_derived_values():
         torch.testing.assert_close(q.scale.grad.view(-1), gs, rtol=1e-6, atol=1e-7)
         if cls is LSQPlus:
             assert (gz != 0).all()  # both rows have clipped weights: only they move the zero-point
-            torch.testing.assert_close(q.zero.grad.view(-1), gz, rtol=1e-6, atol=1e-7)
+            # the parameter is the offset s0 z in weight units: d/d offset = (d/dz) / s0
+            torch.testing.assert_close(q.offset.grad.view(-1), gz / q.zero_unit.view(-1), rtol=1e-5, atol=1e-7)
     # table format: dw_hat/ds = L[q] - w/s inside, the end level outside
     spec = _spec("nf4", "channel")
     q = LSQ(W, spec)
@@ -169,6 +170,27 @@ def test_lsq_scale_and_lsq_plus_zero_gradients_match_the_hand_derived_values():
     idx = torch.bucketize(v, (L[1:] + L[:-1]) / 2)
     ds = torch.where(v < L[0], L[0], torch.where(v > L[-1], L[-1], L[idx] - v))
     torch.testing.assert_close(q.scale.grad.view(-1), (c * ds).sum(1) / math.sqrt(6 * 8), rtol=1e-6, atol=1e-7)
+
+
+def test_lsq_plus_zero_points_move_at_qat_learning_rates():
+    """At dfqat's quantizer learning rate (1e-3) LSQ+'s rounded zero-points change within 75 Adam steps where
+    the loss asks for it (a zero-point learned in integer units would move 0.075 levels and never round to
+    another value: LSQ+ would be LSQ)."""
+    torch.manual_seed(0)
+    W = torch.randn(16, 64) * 0.05
+    spec = _spec("int3", "g32")
+    q = LSQPlus(W, spec)
+    z0 = q.qparams().zero.clone()
+    target = W + 0.02  # the layer must shift every weight up: only moving the zero-points (or clipping) does it
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    for _ in range(75):
+        loss = ((q(W) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z1 = q.qparams().zero
+    assert torch.equal(z1, z1.round())  # still integers, as stored
+    assert (z1 != z0).float().mean() > 0.25
 
 
 def _err(X, W, Q):
