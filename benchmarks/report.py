@@ -1125,8 +1125,14 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
              "paretoq": "ParetoQ stretched 2-bit grid (`paretoq`)"}
     rows_g = ["| quantizer | int3 held-out | int3 train text | int3 bits/param | int2 held-out | int2 train text | "
               "int2 bits/param | int3 / int2 quant s |", "|---|---|---|---|---|---|---|---|"]
-    for k, name in kinds.items():
-        r3, r2 = qz.get(f"dfqat-{k}-w3-g32"), qz.get(f"dfqat-{k}-w2-g32")
+    old_lsqp = {r["label"]: r for r in _load(RES / ABL / "quantizer" / "before_lsqplus_fix")}
+    for k, name in [*kinds.items(), ("lsq+ before", "LSQ+ with the zero-point learned in integer units (the code "
+                                                   "before the fix, commit " + next(
+                                                       (r.get("commit", "?")[:7] for r in old_lsqp.values()), "?")
+                                     + ")")]:
+        src = old_lsqp if k == "lsq+ before" else qz
+        k = "lsq+" if k == "lsq+ before" else k
+        r3, r2 = src.get(f"dfqat-{k}-w3-g32"), src.get(f"dfqat-{k}-w2-g32")
         if r3 is None and r2 is None:
             continue
         bits = lambda r: _f(r["bits"]["blocks_bits_per_param"], 3) if r else "–"  # noqa: E731
@@ -1134,6 +1140,10 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
                       f"{_f(_ppl(r2))} | {_f(_ppl(r2, 'tinystories-train'))} | {bits(r2)} | "
                       f"{_f((r3 or {}).get('quant_wall_s'), 1)} / {_f((r2 or {}).get('quant_wall_s'), 1)} |")
     if qz:
+        pq, l2, l3 = qz.get("dfqat-paretoq-w2-g32"), qz.get("dfqat-lsq-w2-g32"), qz.get("dfqat-lsq-w3-g32")
+        bp = lambda r: r["bits"]["blocks_bits_per_param"]  # noqa: E731
+        size = (f" ParetoQ's files are larger than the other int2 rows' ({bp(pq):.3f} vs {bp(l2):.3f} bits/param; "
+                f"int3 g32 is {bp(l3):.3f}): not a same-size comparison." if pq and l2 and l3 else "")
         sg = []
         for suffix, fname in (("w3-g32", "int3"), ("w2-g32", "int2")):
             got = [(k, _ppl(qz.get(f"dfqat-{k}-{suffix}"))) for k in kinds]
@@ -1148,7 +1158,7 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
                    "stored as int2 with a float zero-point 1.5 per group (16 more bits per group of 32: the "
                    "bits/param column counts them).\n\n" + "\n".join(rows_g)
                    + f"\n\nProvenance: {_abl_provenance(d['quantizer'])}.\n\nWhat it says (held-out): "
-                   + "; ".join(sg) + ".")
+                   + "; ".join(sg) + "." + size)
     missing = [f"{k}/{s.label}" for k, (grid, _) in ABL_RUNS.items() for s in GRIDS[grid]
                if s.label not in by[k]]
     if missing:
