@@ -217,7 +217,9 @@ GRIDS["dfqat-cost-stories260k"] = [Setting("fp", full=True)] + [row for suffix, 
 # ParetoQ's stretched 2-bit grid (stored as int2 with a float zero-point 1.5: +16 bits per group, counted)
 GRIDS["dfqat-quantizer-stories260k"] = [
     *[_dfq(f"dfqat-{k}-{suffix}", w, dfqat_quantizer=k) for suffix, w in _S260_G32 for k in ("ste", "lsq", "lsq+", "lwc")],
-    _dfq("dfqat-paretoq-w2-g32", dict(W("int2", "g32"), zero_point="float"), dfqat_quantizer="paretoq")]
+    _dfq("dfqat-paretoq-w2-g32", dict(W("int2", "g32"), zero_point="float"), dfqat_quantizer="paretoq"),
+    # ParetoQ at g64 (2 + 16/64 + 16/64 = 2.5 bits/param) is about the size of asymmetric int2 g32 (2.56)
+    _dfq("dfqat-paretoq-w2-g64", dict(W("int2", "g64"), zero_point="float"), dfqat_quantizer="paretoq")]
 
 
 # SmolLM2 rows of issues 4 and 5 (run with --calib self --nsamples 128 --calib-seqlen 256; GPTQ rows take C4 at

@@ -1126,13 +1126,13 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
     rows_g = ["| quantizer | int3 held-out | int3 train text | int3 bits/param | int2 held-out | int2 train text | "
               "int2 bits/param | int3 / int2 quant s |", "|---|---|---|---|---|---|---|---|"]
     old_lsqp = {r["label"]: r for r in _load(RES / ABL / "quantizer" / "before_lsqplus_fix")}
-    for k, name in [*kinds.items(), ("lsq+ before", "LSQ+ with the zero-point learned in integer units (the code "
-                                                   "before the fix, commit " + next(
-                                                       (r.get("commit", "?")[:7] for r in old_lsqp.values()), "?")
-                                     + ")")]:
-        src = old_lsqp if k == "lsq+ before" else qz
-        k = "lsq+" if k == "lsq+ before" else k
-        r3, r2 = src.get(f"dfqat-{k}-w3-g32"), src.get(f"dfqat-{k}-w2-g32")
+    old_commit = next((r.get("commit", "?")[:7] for r in old_lsqp.values()), "?")
+    table = [(name, qz, f"dfqat-{k}-w3-g32", f"dfqat-{k}-w2-g32") for k, name in kinds.items()] + [
+        ("ParetoQ at g64 (int2 column: about the size of int2 g32)", qz, None, "dfqat-paretoq-w2-g64"),
+        (f"LSQ+ with the zero-point learned in integer units (the code before the fix, commit {old_commit})",
+         old_lsqp, "dfqat-lsq+-w3-g32", "dfqat-lsq+-w2-g32")]
+    for name, src, l3, l2 in table:
+        r3, r2 = src.get(l3) if l3 else None, src.get(l2)
         if r3 is None and r2 is None:
             continue
         bits = lambda r: _f(r["bits"]["blocks_bits_per_param"], 3) if r else "–"  # noqa: E731
@@ -1144,6 +1144,10 @@ of the same work vary up to ~2x between runs: compare times within one table, i.
         bp = lambda r: r["bits"]["blocks_bits_per_param"]  # noqa: E731
         size = (f" ParetoQ's files are larger than the other int2 rows' ({bp(pq):.3f} vs {bp(l2):.3f} bits/param; "
                 f"int3 g32 is {bp(l3):.3f}): not a same-size comparison." if pq and l2 and l3 else "")
+        pq64 = qz.get("dfqat-paretoq-w2-g64")
+        if pq64 and l2 and _ppl(pq64) and _ppl(l2):
+            size += (f" At about the same size, ParetoQ g64 ({bp(pq64):.3f} bits/param) vs LSQ int2 g32 "
+                     f"({bp(l2):.3f}): " + _vs(_ppl(pq64), _ppl(l2), "ParetoQ g64", "LSQ int2 g32") + ".")
         sg = []
         for suffix, fname in (("w3-g32", "int3"), ("w2-g32", "int2")):
             got = [(k, _ppl(qz.get(f"dfqat-{k}-{suffix}"))) for k in kinds]
