@@ -165,6 +165,14 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
     assert f"{rtn_full:.2f}: **not met**" in full
     assert "mixed-3.0" not in full.split("\n\n")[0]  # the 40-window row is not among the full-split rows
     assert "mixed-2.5 (window 0 NLL 3.0000 recorded, 3.0000 rebuilt)" in text
+    # a stronger uniform int3 row scored on the prefix only: the full-split goal is then not judged against
+    # the weaker row that happens to have a full score
+    (mixed_dir / "dfqat-w3-channel.json").write_text(json.dumps(
+        record("dfqat-w3-channel", "dfqat", 3.03, [2.5] * 40, "cpu (x86_64, 1 threads)")))
+    text = report.mixed_smollm2_section()
+    full = text.split("On the full split")[1]
+    assert "Goal 2" not in full and "**not met**" not in full
+    assert "Not compared on the full split: int3 (its best uniform row on the prefix, dfqat-w3-channel" in full
     assert "--only mixed-2.5 --extend" in text
 
 
