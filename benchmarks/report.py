@@ -559,7 +559,9 @@ def mixed_smollm2_section() -> str:
                 full.pop(k, None)
     vfull = ""
     if any(r["method"] == "mixed" for r in full.values()):
-        vfull = _mixed_verdict(full, "wikitext2", ppl=lambda r: _full_ppl(r, "wikitext2")) or "(no comparison)"
+        fl = [x for x in _mixed_verdict(full, "wikitext2", ppl=lambda r: _full_ppl(r, "wikitext2")).splitlines()
+              if x.startswith("- ") and not x.startswith("- Where mixed")]  # the bit map is said above
+        vfull = "\n".join(fl) or "(no comparison possible yet)"
         if unfair:
             vfull += "\n\nNot compared on the full split: " + "; ".join(unfair) + "."
     if vfull:
