@@ -304,9 +304,10 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str, ppl=None, ylabel:
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*")):
         pts = sorted((r["bits"]["blocks_bits_per_param"], ppl(r)) for r in rows
-                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip", "fisher-only")) and ppl(r))
+                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip", "fisher-only", "tiled")) and ppl(r))
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=method if method != "mixed" else "mixed (learned widths)")
+            ax.plot(*zip(*pts), marker=marker, label={"mixed": "mixed (learned widths)",
+                                                      "dfqat": "dfqat (tiled + end to end)"}.get(method, method))
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp:
         ax.axhline(ppl(fp), color="gray", ls=":", label="float")
