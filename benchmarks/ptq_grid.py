@@ -346,10 +346,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         old_m = (previous or {}).get("metrics", {}).get(ds)
         if old_m and old_m.get("window_nlls"):
             done, prev_time = list(old_m["window_nlls"]), old_m["wall_s"]
-            x = ids[:seqlen].unsqueeze(0).to(next(model.parameters()).device)
-            with torch.no_grad():
-                again = torch.nn.functional.cross_entropy(model(x, use_cache=False).logits[0, :-1].float(),
-                                                          x[0, 1:]).item()
+            again = perplexity(model, ids, seqlen, 1, progress=False)["window_nlls"][0]
             if abs(again - done[0]) > 1e-3 * max(1.0, abs(done[0])):
                 raise ValueError(f"--extend: the rebuilt model scores {ds} window 0 at NLL {again:.5f}, the record "
                                  f"at {done[0]:.5f}: the code or the checkpoint changed; delete the JSON and rerun "
@@ -469,8 +466,8 @@ def main() -> None:
             print(f"skip {s.label} (no record to extend)")
             continue
         if path.exists():
-            previous = json.loads(path.read_text()) if args.extend else None
-            if previous is None or not _needs_more(previous, datasets, windows, windows_for):
+            if not args.extend or not _needs_more(previous := json.loads(path.read_text()), datasets, windows,
+                                                  windows_for):
                 print(f"skip {s.label} (exists)")
                 continue
             ck_state = Path(args.ckpt or "") / s.label / "state.json"

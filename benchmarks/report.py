@@ -553,9 +553,9 @@ def mixed_smollm2_section() -> str:
     unfair = []  # widths whose best uniform row on the prefix has no full-split score: not compared there
     for b in (2, 3, 4):
         cand = [k for k in (f"{m}-w{b}-channel" for m in ("rtn", "gptq", "dfqat")) if k in by and ppl(by[k])]
-        if cand and min(cand, key=lambda k: ppl(by[k])) not in full:
-            unfair.append(f"int{b} (its best uniform row on the prefix, "
-                          f"{min(cand, key=lambda k: ppl(by[k]))}, has none)")
+        top = min(cand, key=lambda k: ppl(by[k])) if cand else None
+        if top is not None and top not in full:
+            unfair.append(f"int{b} (its best uniform row on the prefix, {top}, has none)")
             for k in cand:
                 full.pop(k, None)
     vfull = ""

@@ -41,14 +41,19 @@ def test_smollm2_rows_name_their_learning_rates_and_gptq_its_protocol():
     assert rows["gptq-c4-w3-g128"].calib == "c4:128x2048"
 
 
+def _tiled_row_argv(out, ck) -> list[str]:
+    """A quick stories260K dfqat row (tiled stage, 8 generated sequences) scored on 2 TinyStories windows."""
+    return ["ptq_grid.py", "--model", "stories260k", "--grid", "dfqat-stories260k", "--only", "dfqat-tiled-w3-g32",
+            "--datasets", "tinystories", "--windows-for", "tinystories=2", "--calib", "self", "--nsamples", "8",
+            "--calib-seqlen", "32", "--device", "cpu", "--ckpt", str(ck), "--out", str(out)]
+
+
 @needs_shared
 def test_grid_run_caps_windows_and_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """A dfqat row with --ckpt: the second run (its JSON deleted) loads the finished checkpoint, gives the same
     perplexity and says it resumed; --windows-for caps the set even though the row is full-split."""
     out, ck = tmp_path / "out", tmp_path / "ck"
-    argv = ["ptq_grid.py", "--model", "stories260k", "--grid", "dfqat-stories260k", "--only", "dfqat-tiled-w3-g32",
-            "--datasets", "tinystories", "--windows-for", "tinystories=2", "--calib", "self", "--nsamples", "8",
-            "--calib-seqlen", "32", "--device", "cpu", "--ckpt", str(ck), "--out", str(out)]
+    argv = _tiled_row_argv(out, ck)
     monkeypatch.setattr(sys, "argv", argv)
     ptq_grid.main()
     path = out / "dfqat-tiled-w3-g32.json"
@@ -69,9 +74,7 @@ def test_extend_scores_only_the_missing_windows_and_keeps_the_original_record(tm
     the new windows and keeps the original quantization time; a record the rebuilt model does not reproduce is
     refused and left as it was."""
     out, ck = tmp_path / "out", tmp_path / "ck"
-    argv = ["ptq_grid.py", "--model", "stories260k", "--grid", "dfqat-stories260k", "--only", "dfqat-tiled-w3-g32",
-            "--datasets", "tinystories", "--windows-for", "tinystories=2", "--calib", "self", "--nsamples", "8",
-            "--calib-seqlen", "32", "--device", "cpu", "--ckpt", str(ck), "--out", str(out)]
+    argv = _tiled_row_argv(out, ck)
     monkeypatch.setattr(sys, "argv", argv)
     ptq_grid.main()
     path = out / "dfqat-tiled-w3-g32.json"
