@@ -235,7 +235,11 @@ GRIDS["dfqat-smollm2"] = [Setting("fp", full=True)] + [row for suffix, w, full i
     Setting(f"dfqat-tiled-{suffix}", "dfqat", w, full=full, extra=SMOL_DFQAT | {"dfqat_e2e_steps": 0}),
     Setting(f"dfqat-e2e-{suffix}", "dfqat", w, full=full,
             extra=SMOL_DFQAT | {"dfqat_tile_steps": 0, "dfqat_e2e_steps": 250}),
-    Setting(f"dfqat-{suffix}", "dfqat", w, full=full, extra=dict(SMOL_DFQAT)))]
+    Setting(f"dfqat-{suffix}", "dfqat", w, full=full, extra=dict(SMOL_DFQAT)))] + [
+    # int2 with ParetoQ's stretched grid (float zero-point) at g128: 2 + 32/128 bits, the size of asymmetric int2
+    # g64 (section (g) on stories260K: ParetoQ g64 beat LSQ int2 g32 at a smaller size)
+    Setting("dfqat-paretoq-w2-g128", "dfqat", dict(W("int2", "g128"), zero_point="float"), full=True,
+            extra=SMOL_DFQAT | {"dfqat_quantizer": "paretoq"})]
 GRIDS["mixed-smollm2"] = [
     Setting("fp", full=True),
     *[Setting(f"mixed-{t}", "mixed", W("int8", "channel"), full=True, extra=SMOL_DFQAT | {"mixed_target_bits": t})

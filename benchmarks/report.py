@@ -134,18 +134,51 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes:
     return "\n".join(out)
 
 
+def _same_rtn(rows: list[dict], labels: list[str], rtn_folder: str | None) -> list[dict]:
+    """RTN rows of ``labels`` not run in this grid, taken from the RTN grid where a record has the very same
+    resolved weight and activation specs (RTN sees no data: the same code gives the same model), relabelled."""
+    if rtn_folder is None:
+        return []
+    from lowbit.config import QuantConfig, parse_spec
+    from ptq_grid import GRIDS
+
+    have = {r["label"] for r in rows}
+    pool = [r for r in _load(RES / rtn_folder) if r.get("method") == "rtn" and r.get("config")]
+    out = []
+    for lab in labels:
+        want = next((s for g in GRIDS.values() for s in g if s.label == lab and s.method == "rtn"), None)
+        if want is None or lab in have:
+            continue
+        c = QuantConfig(weight=parse_spec(**want.w) if want.w else None,
+                        act=parse_spec(**want.a) if want.a else None, method="rtn").to_dict()
+        # a key a record lacks was added to the specs later, with the behaviour before it as its default
+        same = lambda rec, now: rec == now if rec is None or now is None else {**now, **rec} == now  # noqa: E731
+        r = next((r for r in pool if same(r["config"]["weight"], c["weight"]) and same(r["config"]["act"], c["act"])),
+                 None)
+        if r is not None:
+            out.append(dict(r, label=lab, reused_from=f"{rtn_folder}/{r['label']}"))
+    return out
+
+
 def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
-                datasets: tuple[str, ...] = ("wikitext2", "c4")) -> str:
+                datasets: tuple[str, ...] = ("wikitext2", "c4"), rtn_folder: str | None = None) -> str:
     from ptq_grid import GRIDS, SUFFIXES
     rows = _load(RES / folder)
     if not rows:
         return "_no results yet_"
     labels = [s.label for s in GRIDS[grid]]
+    reused = _same_rtn(rows, labels, rtn_folder)
     setting = lambda lab: next((x for x in SUFFIXES if lab.endswith(x)), lab)  # noqa: E731
     order = sorted(labels, key=lambda lab: ["fp", *SUFFIXES].index(setting(lab)))  # stable: grid order within
-    missing = [lab for lab in labels if lab not in {r["label"] for r in rows}]
+    missing = [lab for lab in labels if lab not in {r["label"] for r in rows + reused}]
     note = (f"\n\nNot run yet ({len(missing)} of {len(labels)} rows): {', '.join(missing)}." if missing else "")
-    return ptq_table(rows, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}." + note
+    if reused:
+        note = (f"\n\nTaken from the RTN grid (same weight and activation specs, same code and protocol; "
+                f"{provenance(reused)}; scored on {', '.join(sorted({d for r in reused for d in r['datasets']}))} "
+                f"only, hence the dashes): " + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused)
+                + "." + note)
+    return (ptq_table(rows + reused, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}."
+            + note)
 
 
 def peers_section() -> str:
@@ -732,6 +765,7 @@ def _full_ppl(r: dict | None, ds: str) -> float | None:
 SMOL_SETTINGS = {  # grid suffix -> the RTN record of the H100 RTN grid with the same weights
     "w4-g128": "int4-g128-asym", "w3-g128": "int3-g128-asym", "w3-channel": "int3-channel-asym",
     "w2-g64": "int2-g64-asym"}
+SMOL_SAME_SIZE = {"w2-g64": ["dfqat-paretoq-w2-g128"]}  # other formats of about a setting's size, in its group
 
 
 def _device_cell(r: dict) -> str:
@@ -808,7 +842,8 @@ def dfqat_smollm2_section() -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     words, gptq_ref_used = [], False
     for suffix, rtn_label in SMOL_SETTINGS.items():
-        mine = [cpu[lab] for lab in grid if lab.endswith(suffix) and lab in cpu]
+        mine = [cpu[lab] for lab in grid if (lab.endswith(suffix) or lab in SMOL_SAME_SIZE.get(suffix, []))
+                and lab in cpu]
         if not mine:
             continue
         # GPTQ's cost hardly depends on the bit-width: a setting without its own CPU GPTQ run uses another's
@@ -875,6 +910,24 @@ def dfqat_smollm2_section() -> str:
             w += (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time (data generation included; "
                   f"goal: at most 3x)")
         words.append(w)
+        # the stages apart, on the windows every one of them has
+        stages = [(name, cpu.get(lab)) for name, lab in (("tiled only", f"dfqat-tiled-{suffix}"),
+                                                         ("end-to-end only", f"dfqat-e2e-{suffix}"),
+                                                         ("tiled + end-to-end", f"dfqat-{suffix}"))]
+        stages = [(name, x, _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)) for name, x in stages if x]
+        if len(stages) > 1 and all(v for _, _, v in stages):
+            words.append(f"{suffix}, the pipeline's stages (first {PREFIX} WikiText-2 windows): " + ", ".join(
+                f"{name} {v:.2f}" + (f" ({_cost(x) / _cost(g_cpu):.2f}x GPTQ's time)" if g_cpu else "")
+                for name, x, v in stages))
+        for lab in SMOL_SAME_SIZE.get(suffix, []):
+            o = cpu.get(lab)
+            vo = o and _ppl_prefix(o["metrics"].get("wikitext2", {}), PREFIX)
+            if vo and a_pre:
+                words.append(
+                    f"About the size of {suffix}: `{lab}` ({o['bits']['blocks_bits_per_param']:.3f} bits/param) "
+                    f"{vo:.2f} vs `dfqat-{suffix}` ({d['bits']['blocks_bits_per_param']:.3f}) {a_pre:.2f} (first "
+                    f"{PREFIX} WikiText-2 windows): {'better' if vo < a_pre else 'worse'} by "
+                    f"{abs(vo / a_pre - 1) * 100:.1f}%")
     table = "\n".join(out)
     verdict = ("\n\nVerdict (generated from the rows above):\n\n" + "\n".join(f"- {w}." for w in words)) if words else ""
     if gptq_ref_used:
@@ -1271,7 +1324,7 @@ allocator's peak during quantization (model included).
 python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 --full-split --device cuda --out results/ptq_smollm2
 ```
 
-{ptq_section()}
+{ptq_section(rtn_folder="rtn_smollm2_gpu")}
 
 ## stories260K: PTQ baselines on the TinyStories held-out text (issue 3)
 

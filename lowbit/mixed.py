@@ -627,7 +627,8 @@ class Penalty:
         tot, params = 0.0, 0
         for b in self.budgets:
             t, p = b.stored_bits(list(range(len(blocks))))
-            tot, params = tot + float(t), params + p
+            tot += float(t.detach() if torch.is_tensor(t) else t)  # a report: no graph
+            params += p
         if not any(b.fixed for b in self.budgets):  # every part has its own budget: the rest stays at 16 bits
             for blk in blocks:
                 ids = {id(m.weight) for m in _mixed_modules(blk)}

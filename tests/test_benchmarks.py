@@ -186,3 +186,32 @@ def test_resumed_rows_count_the_tiles_an_earlier_process_trained():
     r["dfqat_report"]["e2e"] = {"resumed_at": 20}
     assert report._quant_cell(r).endswith("(≥, resumed)")
     assert report._quant_cell({"quant_wall_s": 5.0}) == "5"
+
+
+def test_ptq_table_takes_rtn_rows_from_the_rtn_grid_only_when_the_specs_are_identical(tmp_path, monkeypatch):
+    """RTN sees no data, so an RTN-grid record with the same resolved weight/activation specs is the PTQ grid's RTN
+    row; a record of another spec (here symmetric instead of asymmetric) must not stand in for it."""
+    from lowbit.config import QuantConfig, parse_spec
+
+    res = tmp_path / "results"
+    (res / "ptq").mkdir(parents=True)
+    (res / "rtn").mkdir()
+
+    def record(label, w):
+        cfg = QuantConfig(weight=parse_spec(**w), method="rtn").to_dict()
+        cfg["weight"].pop("zero_point")  # an older record, made before the key existed
+        m = {"ppl": 700.0, "windows": 148, "windows_total": 148, "window_nlls": [6.55] * 148}
+        return {"label": label, "method": "rtn", "config": cfg, "datasets": ["wikitext2"],
+                "bits": {"blocks_bits_per_param": 3.03, "model_bits_per_param": 5.7}, "metrics": {"wikitext2": m},
+                "device": "cuda (NVIDIA H100)", "quant_wall_s": 0.2, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0}
+
+    (res / "ptq" / "fp.json").write_text(json.dumps(record("fp", ptq_grid.W("int8")) | {"method": "fp", "config": None}))
+    (res / "rtn" / "int3-channel-sym.json").write_text(json.dumps(record("int3-channel-sym", ptq_grid.W("int3", "channel", True))))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.ptq_section("ptq", "ptq-smollm2", rtn_folder="rtn")
+    assert "| w3-channel | rtn |" not in text and "rtn-w3-channel" in text.split("Not run yet")[1]
+    (res / "rtn" / "int3-channel-asym.json").write_text(json.dumps(record("int3-channel-asym", ptq_grid.W("int3", "channel"))))
+    text = report.ptq_section("ptq", "ptq-smollm2", rtn_folder="rtn")
+    assert "| w3-channel | rtn | int3 channel asym |" in text and "700.00 | – |" in text
+    assert "`rtn-w3-channel` = `rtn/int3-channel-asym`" in text
+    assert "rtn-w3-channel" not in text.split("Not run yet")[1]
