@@ -331,9 +331,12 @@ def cmd_quantize(a) -> dict:
             raise ValueError("--target-bits is the budget of --method mixed; add --method mixed or drop it")
         cfg.extra["mixed_target_bits"] = a.target_bits
     if "mixed" in recipe_steps(cfg.method) and cfg.weight is None:  # the widths are learned: an int8 container
-        from .mixed import CONTAINER
+        from .mixed import container
 
-        cfg.weight = CONTAINER
+        g = (a.w_granularity or "channel").strip().lower()
+        if g != "channel" and not (g.startswith("g") and g[1:].isdigit() and int(g[1:]) > 0):
+            raise ValueError(f"--method mixed takes --w-granularity channel or gN (a scale per N columns), got {g!r}")
+        cfg.weight = container(0 if g == "channel" else int(g[1:]))
     device = _processes(a)
     main = _is_main()  # under torchrun only rank 0 evaluates, prints and writes
     model, tok = _load_in_turn(load_model, a)

@@ -69,11 +69,11 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer: Tokenizer | Non
         if id(m.weight) in done:
             entry["tied_to"] = done[id(m.weight)]
         elif getattr(m, "w_bits", None) is not None:  # per-row mixed precision (lowbit.mixed)
-            from .mixed import pack_mixed
+            from .mixed import group_of, pack_mixed
 
             ck = None if m.w_col_keep is None else m.w_col_keep.cpu()
             for k, t in pack_mixed(m.weight.detach().cpu(), m.qparams.to("cpu"), m.w_bits.cpu(), ck,
-                                   m.w_bit_choices).items():
+                                   m.w_bit_choices, group_of(m.w_spec)).items():
                 tensors[f"{name}.{k}"] = t.contiguous()
             entry["mixed"] = {"choices": list(m.w_bit_choices), "col_pruned": ck is not None}
             done[id(m.weight)] = name
@@ -156,13 +156,14 @@ def load_quantized(path: str | Path, tokenizer: str | Path | None = None) -> tup
         shape = tuple(entry["shape"])
         mixed_entry = meta["modules"].get(src, entry)
         if "mixed" in mixed_entry:  # per-row mixed precision (lowbit.mixed); a tied head reads its source's
-            from .mixed import unpack_mixed
+            from .mixed import group_of, unpack_mixed
 
             entry = mixed_entry
 
             sub = {k[len(src) + 1:]: v for k, v in tensors.items() if k.startswith(src + ".")}
             try:
-                w, qp, bits, col_keep = unpack_mixed(sub, shape, entry["mixed"]["choices"], entry["mixed"]["col_pruned"])
+                w, qp, bits, col_keep = unpack_mixed(sub, shape, entry["mixed"]["choices"], entry["mixed"]["col_pruned"],
+                                                     group_of(m.w_spec))
             except (KeyError, RuntimeError) as e:
                 raise ValueError(f"{path / 'model.safetensors'}: the mixed-precision tensors of {src} are missing or "
                                  f"truncated ({e}); re-export the model") from None

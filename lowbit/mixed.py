@@ -43,6 +43,12 @@ the decoder blocks gets its own bit-width, learned by differentiable noise injec
    ``dfqat_e2e_steps``); then every Linear is frozen. The noise phase is shorter
    (``mixed_noise_tile_steps``, ``mixed_noise_e2e_steps``): it only has to find where the bits go.
 
+**Scales per group.** With ``--w-granularity gN`` (a container ``int8 gN``) every row keeps one width but
+has a scale and a zero-point per ``N`` input columns (the last group of a row may be short): the noise ranges,
+the clipping search, the fine-tuned LSQ scales and the stored metadata are per (row, group), and the budget
+pays ``G (16 + b_c)`` bits per kept row instead of ``16 + b_c``; the repair's sensitivity uses the root mean
+square of the row's group ranges.
+
 **Storage.** A mixed Linear is a :class:`~lowbit.qmodules.QuantLinear` whose ``w_spec`` is the container
 ``int8 channel asym`` and whose buffers ``w_bits`` (uint8 per row, 0 = pruned) and ``w_col_keep`` (bool per
 column, or None) hold the map. :func:`pack_mixed` writes, per width ``b`` present, the rows of that width
@@ -79,7 +85,7 @@ from torch import Tensor, nn
 
 from .config import QuantConfig
 from .formats import IntFormat
-from .granularity import PerChannel
+from .granularity import PerChannel, PerGroup
 from .models import arch_of, blocks as blocks_of
 from .packing import pack_bits, unpack_bits
 from .qmodules import QuantLinear
@@ -89,6 +95,41 @@ from .quantizer import QParams, QuantSpec, _round_scale_fp16
 log = logging.getLogger(__name__)
 
 CONTAINER = QuantSpec(IntFormat(8), PerChannel(), symmetric=False)
+
+
+def container(group: int = 0) -> QuantSpec:
+    """The int8 container of a mixed Linear: one scale and zero-point per row, or per ``group`` input columns."""
+    return CONTAINER if not group else QuantSpec(IntFormat(8), PerGroup(group), symmetric=False)
+
+
+def group_of(spec: QuantSpec | None) -> int:
+    """The group size of a mixed container (0: one scale per row)."""
+    return spec.granularity.size if spec is not None and isinstance(spec.granularity, PerGroup) else 0
+
+
+def _group_index(C: int, group: int, device=None) -> Tensor | None:
+    """Group of every input column (``(C,)``; the last group may be short), or None for one group per row."""
+    return None if not group or group >= C else torch.arange(C, device=device) // group
+
+
+def _n_groups(C: int, group: int) -> int:
+    return 1 if not group or group >= C else -(-C // group)
+
+
+def _group_minmax(w: Tensor, gid: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per (row, group) ``min <= 0 <= max`` of ``w`` (R, C): shapes (R, G)."""
+    if gid is None:
+        return w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    R, G = w.shape[0], int(gid[-1]) + 1
+    idx = gid.unsqueeze(0).expand_as(w)
+    mn = w.new_zeros(R, G).scatter_reduce(1, idx, w, "amin")  # the zero start is the clamp: min <= 0
+    mx = w.new_zeros(R, G).scatter_reduce(1, idx, w, "amax")
+    return mn, mx
+
+
+def _per_col(t: Tensor, gid: Tensor | None) -> Tensor:
+    """(R, G) per-group values spread over the columns (R, C); (R, 1) stays (R, 1) (broadcasts)."""
+    return t if gid is None else t[:, gid]
 SCALE_BITS = 16  # fp16 scale per kept row
 HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1  # hard-concrete constants (Louizos et al. 2018)
 
@@ -284,17 +325,20 @@ class NoisyRows(nn.Module):
     part: str | None = None  # "attention" or "ffn" for a block Linear (which budget it belongs to)
 
     def __init__(self, weight: Tensor, lo: float, hi: float, init_bits: float, row_gates=None, col_gates=None,
-                 clip_bits: float | None = None):
+                 clip_bits: float | None = None, group: int = 0):
         super().__init__()
         R, C = weight.shape
-        self.lo, self.hi, self.spec = lo, hi, CONTAINER
+        self.lo, self.hi, self.spec, self.group = lo, hi, container(group), group
+        self.n_groups = _n_groups(C, group)
+        # the group of every column (None: one range per row); not a checkpoint key when None
+        self.register_buffer("gid", _group_index(C, group, weight.device))
         frac = min(max((init_bits - lo) / (hi - lo), 1e-3), 1 - 1e-3)
         self.logit = nn.Parameter(torch.full((R,), math.log(frac / (1 - frac)), device=weight.device))
         # learned clipping (LWC-style): the noise range is [s_lo min W[c], s_hi max W[c]], s = sigmoid(gamma),
         # started at the per-row range that minimises the rounding error at ``clip_bits`` (None: full range)
         self.clip = None
         if clip_bits is not None:
-            f = _best_clip(weight.detach().float(), clip_bits)
+            f = _best_clip(weight.detach().float(), clip_bits, self.gid)
             g = torch.logit(f.clamp(0.02, 0.98))
             self.clip = nn.Parameter(torch.stack([g, g.clone()], 1))  # (R, 2): gamma_lo, gamma_hi
         # shared UnitGates modules (submodules here too, so checkpoints hold them) and the unit of each row/column
@@ -339,23 +383,25 @@ class NoisyRows(nn.Module):
         return self._per(g, self.cindex, None if g is None else g.p_keep(), C, self.logit.device)
 
     def clip_range(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row ``(lo, hi)`` of the noise range: the min-max range (``min <= 0 <= max`` like the stored grid),
-        shrunk by the learned clipping factors when there are any."""
+        """Per-row (per row and group with ``group``) ``(lo, hi)``, shapes (R, G), of the noise range: the
+        min-max range (``min <= 0 <= max`` like the stored grid), shrunk by the row's learned clipping factors
+        when there are any."""
         with torch.no_grad():
-            mn, mx = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+            mn, mx = _group_minmax(w, self.gid)
         if self.clip is None:
             return mn, mx
         s = torch.sigmoid(self.clip)
-        return s[:, 0] * mn, s[:, 1] * mx
+        return s[:, :1] * mn, s[:, 1:] * mx
 
     def forward(self, w: Tensor) -> Tensor:
         wf = w.float()
         if self.noisy:
             lo, hi = self.clip_range(wf)
+            delta = (hi - lo).clamp_min(1e-8) / (torch.pow(2.0, self.bits()) - 1).unsqueeze(1)
+            lo, hi, delta = _per_col(lo, self.gid), _per_col(hi, self.gid), _per_col(delta, self.gid)
             if self.clip is not None:  # clipping error, then the rounding noise of the clipped grid
-                wf = torch.minimum(torch.maximum(wf, lo.unsqueeze(1)), hi.unsqueeze(1))
-            delta = (hi - lo).clamp_min(1e-8) / (torch.pow(2.0, self.bits()) - 1)
-            wf = wf + delta.unsqueeze(1) * (torch.rand_like(wf) - 0.5)
+                wf = torch.minimum(torch.maximum(wf, lo), hi)
+            wf = wf + delta * (torch.rand_like(wf) - 0.5)
         zr, zc = self._keep(self.row_gates), self._keep(self.col_gates)
         if zr is not None:
             wf = wf * zr.unsqueeze(1)
@@ -375,16 +421,17 @@ class NoisyRows(nn.Module):
         R, C = shape
         b = self.bits()
         n = self.p_cols(C).sum()
-        per_row = b * n + SCALE_BITS + b
+        per_row = b * n + self.n_groups * (SCALE_BITS + b)  # codes, then a scale and zero-point per group
         return (self.p_rows(R) * per_row).sum() + R * idx_bits + (C if self.col_gates is not None else 0)
 
 
 @torch.no_grad()
-def _best_clip(w: Tensor, bits: float, grid: int = 20) -> Tensor:
-    """Per-row factor ``s`` in [0.3, 1] whose range ``[s min W[c], s max W[c]]`` minimises the squared error of
-    round-to-nearest at ``round(bits)`` bits (the AWQ/OmniQuant clipping search, one factor for both ends)."""
+def _best_clip(w: Tensor, bits: float, gid: Tensor | None = None, grid: int = 20) -> Tensor:
+    """Per-row factor ``s`` in [0.3, 1] whose range ``[s min W[c], s max W[c]]`` (of every group of the row,
+    ``gid``) minimises the squared error of round-to-nearest at ``round(bits)`` bits (the AWQ/OmniQuant clipping
+    search, one factor for both ends)."""
     b = max(1, int(math.floor(bits + 0.5)))
-    mn, mx = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+    mn, mx = (_per_col(t, gid) for t in _group_minmax(w, gid))
     best_err = torch.full((w.shape[0],), math.inf, device=w.device)
     best = torch.ones(w.shape[0], device=w.device)
     for f in torch.linspace(1.0, 0.3, grid).tolist():
@@ -397,45 +444,50 @@ def _best_clip(w: Tensor, bits: float, grid: int = 20) -> Tensor:
     return best
 
 
-def _row_minmax_qparams(w: Tensor, bits: Tensor, col_keep: Tensor | None,
-                        clip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row min-max (min <= 0 <= max) fp16 scale, integer zero and qmax for widths ``bits`` (R,); ``clip``
-    (R, 2): factors of the min and the max (learned clipping)."""
-    wk = w if col_keep is None else w[:, col_keep]
-    if wk.shape[1] == 0:
-        wk = w.new_zeros(w.shape[0], 1)
-    mn, mx = wk.amin(1).clamp(max=0), wk.amax(1).clamp(min=0)
+def _row_minmax_qparams(w: Tensor, bits: Tensor, col_keep: Tensor | None, clip: Tensor | None = None,
+                        gid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Min-max (min <= 0 <= max) fp16 scale and integer zero per row, or per row and group (``gid``), over the
+    kept columns, shapes (R, G), and qmax (R, 1) for widths ``bits`` (R,); ``clip`` (R, 2): factors of the min
+    and the max (learned clipping). A group with no kept column gets scale 1, zero 0."""
+    wk = w if col_keep is None else w * col_keep.to(w.dtype).unsqueeze(0)  # pruned columns: 0 is within [min, max]
+    mn, mx = _group_minmax(wk, gid)
     if clip is not None:
-        mn, mx = mn * clip[:, 0].to(mn), mx * clip[:, 1].to(mx)
-    qmax = (torch.pow(2.0, bits.float()) - 1).clamp_min(1)
+        mn, mx = mn * clip[:, :1].to(mn), mx * clip[:, 1:].to(mx)
+    qmax = (torch.pow(2.0, bits.float()) - 1).clamp_min(1).unsqueeze(1)
     scale = _round_scale_fp16(torch.where(mx > mn, (mx - mn) / qmax, torch.ones_like(mx)))
     zero = torch.round(-mn / scale).clamp(torch.zeros_like(qmax), qmax)
     return scale, zero, qmax
 
 
 class RowLSQ(nn.Module):
-    """Fine-tune learner: a learned fp16 scale per row (LSQ gradient, ``g = 1/sqrt(n qmax)``), a fixed integer
-    zero-point, ``2^{b_c} - 1`` levels in row ``c``; pruned rows/columns are exactly 0."""
+    """Fine-tune learner: a learned fp16 scale per row, or per row and ``group`` input columns (LSQ gradient,
+    ``g = 1/sqrt(n qmax)``, ``n`` the values sharing the scale), a fixed integer zero-point, ``2^{b_c} - 1``
+    levels in row ``c``; pruned rows/columns are exactly 0."""
 
-    def __init__(self, weight: Tensor, bits: Tensor, col_keep: Tensor | None, clip: Tensor | None = None):
+    def __init__(self, weight: Tensor, bits: Tensor, col_keep: Tensor | None, clip: Tensor | None = None,
+                 group: int = 0):
         super().__init__()
         w = weight.detach().float()
-        self.spec = CONTAINER
+        C = w.shape[1]
+        self.spec, self.group = container(group), group
+        self.register_buffer("gid", _group_index(C, group, w.device))
         self.register_buffer("bits", bits.to(w.device, torch.uint8))
         self.register_buffer("col_keep", None if col_keep is None else col_keep.to(w.device, torch.bool))
-        scale, zero, qmax = _row_minmax_qparams(w, self.bits, self.col_keep, clip)
-        self.scale = nn.Parameter(scale.unsqueeze(1))
-        self.register_buffer("zero", zero.unsqueeze(1))
-        self.register_buffer("qmax", qmax.unsqueeze(1))
-        n = w.shape[1] if col_keep is None else int(col_keep.sum())
+        scale, zero, qmax = _row_minmax_qparams(w, self.bits, self.col_keep, clip, self.gid)
+        self.scale = nn.Parameter(scale)  # (R, G)
+        self.register_buffer("zero", zero)
+        self.register_buffer("qmax", qmax)
+        n = C if col_keep is None else int(col_keep.sum())
+        n = min(n, group) if self.gid is not None else n
         self.register_buffer("grad_scale", 1.0 / torch.sqrt(max(n, 1) * self.qmax))
 
     def forward(self, w: Tensor) -> Tensor:
         s = _round_scale_fp16(self.scale.detach()) + (self.scale * self.grad_scale
                                                       - (self.scale * self.grad_scale).detach())
-        v = w.float() / s + self.zero
+        s, zero = _per_col(s, self.gid), _per_col(self.zero, self.gid)
+        v = w.float() / s + zero
         q = torch.clamp(torch.round(v.detach()) + (v - v.detach()), torch.zeros_like(self.qmax), self.qmax)
-        y = s * (q - self.zero)
+        y = s * (q - zero)
         y = y * (self.bits > 0).unsqueeze(1)
         if self.col_keep is not None:
             y = y * self.col_keep.unsqueeze(0)
@@ -447,23 +499,29 @@ class RowLSQ(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- storage
-def mixed_storage_bits(bits: Tensor, col_keep: Tensor | None, shape: tuple[int, int], idx_bits: int) -> dict[str, int]:
-    """Stored bits of a mixed Linear: codes, fp16 scales and b-bit zero-points of kept rows, the width index
-    per row and the column mask (exact; bytes are padded per packed tensor on disk)."""
+def mixed_storage_bits(bits: Tensor, col_keep: Tensor | None, shape: tuple[int, int], idx_bits: int,
+                       group: int = 0) -> dict[str, int]:
+    """Stored bits of a mixed Linear: codes, fp16 scales and b-bit zero-points of kept rows (one per row, or one
+    per ``group`` columns of the row), the width index per row and the column mask (exact; bytes are padded
+    per packed tensor on disk)."""
     R, C = shape
     b = bits.long()
+    G = _n_groups(C, group)
     kept_cols = C if col_keep is None else int(col_keep.sum())
     codes = int(b.sum()) * kept_cols
-    meta = int((b > 0).sum()) * SCALE_BITS + int(b.sum()) + R * idx_bits + (C if col_keep is not None else 0)
+    meta = G * (int((b > 0).sum()) * SCALE_BITS + int(b.sum())) + R * idx_bits + (C if col_keep is not None else 0)
     return {"codes": codes, "meta": meta, "total": codes + meta}
 
 
-def pack_mixed(w: Tensor, qp: QParams, bits: Tensor, col_keep: Tensor | None, choices: list[int]) -> dict[str, Tensor]:
-    """The stored tensors of a frozen mixed Linear (keys relative to the module; see the module docstring)."""
+def pack_mixed(w: Tensor, qp: QParams, bits: Tensor, col_keep: Tensor | None, choices: list[int],
+               group: int = 0) -> dict[str, Tensor]:
+    """The stored tensors of a frozen mixed Linear (keys relative to the module; see the module docstring);
+    with ``group``, ``scale_b{b}`` is (rows, groups) and ``zero_b{b}`` packs rows x groups zero-points."""
     from .quantizer import quantize
 
-    codes = quantize(w.float(), qp, CONTAINER)
-    scale, zero = qp.scale.reshape(-1), qp.zero.reshape(-1)
+    R = w.shape[0]
+    codes = quantize(w.float(), qp, container(group))
+    scale, zero = qp.scale.reshape(R, -1), qp.zero.reshape(R, -1)
     pos = {c: i for i, c in enumerate(choices)}
     bl = [int(x) for x in bits.tolist()]
     out = {"bitmap": pack_bits(torch.tensor([pos[x] for x in bl], dtype=torch.int64), max(1, index_bits(choices)))}
@@ -473,38 +531,41 @@ def pack_mixed(w: Tensor, qp: QParams, bits: Tensor, col_keep: Tensor | None, ch
     for b in sorted(set(bl) - {0}):
         rows = bits == b
         out[f"qweight_b{b}"] = pack_bits(codes[rows], b)
-        out[f"scale_b{b}"] = scale[rows].half().contiguous()
+        sc = scale[rows]
+        out[f"scale_b{b}"] = (sc.reshape(-1) if sc.shape[1] == 1 else sc).half().contiguous()
         out[f"zero_b{b}"] = pack_bits(zero[rows].long(), b)
     return out
 
 
-def unpack_mixed(t: dict[str, Tensor], shape: tuple[int, int], choices: list[int], col_pruned: bool
-                 ) -> tuple[Tensor, QParams, Tensor, Tensor | None]:
+def unpack_mixed(t: dict[str, Tensor], shape: tuple[int, int], choices: list[int], col_pruned: bool,
+                 group: int = 0) -> tuple[Tensor, QParams, Tensor, Tensor | None]:
     """Inverse of :func:`pack_mixed`: ``(weight, qparams, bits, col_keep)``; bit-exact."""
     R, C = shape
+    G, gid = _n_groups(C, group), _group_index(C, group)
     idx = unpack_bits(t["bitmap"], max(1, index_bits(choices)), R)
     if int(idx.max()) >= len(choices):
         raise ValueError("mixed bit-width map has an index outside its choices; the file is corrupt")
     bits = torch.tensor(choices, dtype=torch.int64)[idx]
     col_keep = unpack_bits(t["col_keep"], 1, C).bool() if col_pruned else None
     kc = C if col_keep is None else int(col_keep.sum())
-    scale, zero = torch.ones(R), torch.zeros(R)
+    kgid = None if gid is None else (gid if col_keep is None else gid[col_keep])  # group of each kept column
+    scale, zero = torch.ones(R, G), torch.zeros(R, G)
     w = torch.zeros(R, C)
     for b in sorted(set(bits.tolist()) - {0}):
         rows = bits == b
         n = int(rows.sum())
         q = unpack_bits(t[f"qweight_b{b}"], b, n * kc).view(n, kc).float()
-        s = t[f"scale_b{b}"].float()
-        z = unpack_bits(t[f"zero_b{b}"], b, n).float()
+        s = t[f"scale_b{b}"].float().view(n, G)
+        z = unpack_bits(t[f"zero_b{b}"], b, n * G).float().view(n, G)
         scale[rows], zero[rows] = s, z
-        vals = s.unsqueeze(1) * (q - z.unsqueeze(1))
+        vals = _per_col(s, kgid) * (q - _per_col(z, kgid))
         if col_keep is None:
             w[rows] = vals
         else:
             block = torch.zeros(n, C)
             block[:, col_keep] = vals
             w[rows] = block
-    return w, QParams(scale.view(R, 1, 1), zero.view(R, 1, 1)), bits.to(torch.uint8), col_keep
+    return w, QParams(scale.view(R, G, 1), zero.view(R, G, 1)), bits.to(torch.uint8), col_keep
 
 
 # ------------------------------------------------------------------------------------------ budget
@@ -642,8 +703,9 @@ def _part(rel: str, arch) -> str:
     return "attention" if rel in arch.attn else "ffn"
 
 
-def attach_noise(model: nn.Module, opts: dict) -> dict[str, NoisyRows]:
-    """Give every live block Linear a :class:`NoisyRows` learner and every unit its gates."""
+def attach_noise(model: nn.Module, opts: dict, group: int = 0) -> dict[str, NoisyRows]:
+    """Give every live block Linear a :class:`NoisyRows` learner (one noise range per row, or per ``group``
+    input columns of a row) and every unit its gates."""
     arch = arch_of(model)
     learners = {}
     for bi, block in enumerate(blocks_of(model)):
@@ -666,7 +728,7 @@ def attach_noise(model: nn.Module, opts: dict) -> dict[str, NoisyRows]:
             init = min(max(opts["part_init"][part], lo), hi)
             clip = min(max(float(opts["part_target"].get(part, opts["mixed_target_bits"] or 0)), lo), hi)
             m.learner = NoisyRows(m.weight.detach(), lo, hi, init, row_g, col_g,
-                                  clip_bits=clip if opts["mixed_noise_clip"] else None)
+                                  clip_bits=clip if opts["mixed_noise_clip"] else None, group=group)
             m.learner.part = part
             learners[f"{arch.layers}.{bi}.{rel}"] = m.learner
     return learners
@@ -745,8 +807,12 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
             bits[lr.p_rows(R).cpu() <= 0.5] = 0
         col_keep = None if lr.col_gates is None else (lr.p_cols(C).cpu() > 0.5)
         lo_c, hi_c = lr.clip_range(m.weight.detach().float())
-        rng = (hi_c - lo_c).detach().cpu().clamp_min(1e-8)  # the (clipped) range the noise used
-        state[name] = {"bits": bits, "col_keep": col_keep, "range": rng, "ib": ib,
+        # the (clipped) range the noise used; with groups the root mean square over the row's groups, so that
+        # n Delta^2 below is the sum of the groups' n_g Delta_g^2 (equal groups)
+        d = (hi_c - lo_c).detach().float()
+        rng = (d[:, 0] if d.shape[1] == 1 else d.pow(2).mean(1).sqrt()).cpu().clamp_min(1e-8)
+        state[name] = {"bits": bits, "col_keep": col_keep, "range": rng, "ib": ib, "group": lr.group,
+                       "G": lr.n_groups,
                        "fisher": lr.fisher.detach().float().cpu(), "shape": (R, C), "lo": lr.lo, "hi": lr.hi}
     # the budget: bits of every block parameter (mixed Linears exactly, the rest at 16) over their count
     if pool is None:
@@ -763,7 +829,7 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
     budget = target * params
 
     def size(st) -> int:
-        return mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], ib)["total"]
+        return mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], ib, st["group"])["total"]
 
     total = fixed + sum(size(st) for st in state.values())
     levels = {name: _levels(allowed, st["lo"], st["hi"]) for name, st in state.items()}
@@ -785,7 +851,7 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
         if b == 0 or not lower:
             return None
         nb = lower[-1]
-        saved = (b - nb) * (kept(st) + 1)
+        saved = (b - nb) * (kept(st) + st["G"])  # the codes and a zero-point per group
         return (sens(st, r, nb) - sens(st, r, b)) / saved, nb, saved
 
     def step_up(name, r):
@@ -795,7 +861,7 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
         if b == 0 or not higher:
             return None
         nb = higher[0]
-        cost = (nb - b) * (kept(st) + 1)
+        cost = (nb - b) * (kept(st) + st["G"])
         return (sens(st, r, b) - sens(st, r, nb)) / cost, nb, cost
 
     if total > budget:
@@ -840,7 +906,8 @@ def integer_bits(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, *
         if s2 is not None:
             heapq.heappush(heap, (-s2[0], name, r))
     return {n: {"bits": st["bits"], "col_keep": st["col_keep"],
-                "clip": None if learners[n].clip is None else torch.sigmoid(learners[n].clip.detach())}
+                "clip": None if learners[n].clip is None else torch.sigmoid(learners[n].clip.detach()),
+                "group": learners[n].group}
             for n, st in state.items()} | \
         {"_total": {"bits_per_param": total / params, "params": params}}
 
@@ -880,7 +947,7 @@ def _prune_units(state: dict, learners: dict[str, NoisyRows], total: float, budg
             break
         touched = {name for name, _, _ in members[gid][1]}
         before = {n: state[n] for n in touched}
-        old = sum(mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], st["ib"])["total"]
+        old = sum(mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], st["ib"], st["group"])["total"]
                   for st in before.values())
         for name, index, axis in members[gid][1]:
             st = state[name]
@@ -888,7 +955,7 @@ def _prune_units(state: dict, learners: dict[str, NoisyRows], total: float, budg
                 st["bits"][index == u] = 0
             else:
                 st["col_keep"][index == u] = False
-        new = sum(mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], st["ib"])["total"]
+        new = sum(mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], st["ib"], st["group"])["total"]
                   for st in before.values())
         total += new - old
     return total
@@ -900,7 +967,7 @@ def freeze_mixed(m: QuantLinear, learner: RowLSQ, choices: list[int]) -> None:
     ``choices``: the allowed widths (the stored index per row points into them)."""
     y = learner(m.weight.detach())
     m.weight.copy_(y)
-    m.w_spec = CONTAINER
+    m.w_spec = learner.spec
     m.set_qparams(learner.qparams())
     m.w_bits = learner.bits.clone()
     m.w_col_keep = None if learner.col_keep is None else learner.col_keep.clone()
@@ -953,20 +1020,22 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
     dopts = D.settings(cfg)
     ids, data, source = D._training_data(calib, dopts)
     if cfg.weight is None or not isinstance(cfg.weight.fmt, IntFormat) or not isinstance(cfg.weight.granularity,
-                                                                                         PerChannel):
+                                                                                         (PerChannel, PerGroup)):
         raise ValueError("--method mixed learns per-channel integer widths: use --w-format int8 (any intN) with "
-                         "--w-granularity channel")
+                         "--w-granularity channel (one scale per row) or gN (a scale per N columns of a row)")
+    group = group_of(cfg.weight)  # the scales' granularity; the widths are per row either way
     live = [m for m in model.modules() if isinstance(m, QuantLinear) and not m.frozen and m.w_spec is not None]
     if not live:
         log.warning("mixed: no live quantized Linear to train")
         return
     t_start = time.time()
     ib = index_bits(opts["choices"])
-    report: dict = {"settings": {k: v for k, v in opts.items() if k.startswith("mixed_")} | {"choices": opts["choices"]},
+    report: dict = {"settings": {k: v for k, v in opts.items() if k.startswith("mixed_")} | {"choices": opts["choices"],
+                                                                                           "group": group},
                     "data": {"source": source, "n": int(ids.shape[0]), "seqlen": int(ids.shape[1])}}
     with D.training_mode(model):
         teacher = D.float_teacher(model)
-        learners = attach_noise(model, opts)
+        learners = attach_noise(model, opts, group)
         embed = attach_embedding(model, opts)
         emb_choices = [c for c in opts["choices"] if c > 0]
         mods = dict(model.named_modules())
@@ -1031,7 +1100,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             plan |= eplan
         for name, p in plan.items():
             m = mods[name]
-            m.learner = RowLSQ(m.weight.detach(), p["bits"], p["col_keep"], p["clip"])
+            m.learner = RowLSQ(m.weight.detach(), p["bits"], p["col_keep"], p["clip"], p["group"])
         head = _tied_head(model) if embed else None
         if head is not None:
             head.learner = mods[embed[0]].learner  # the tied head uses the embedding's quantizer
@@ -1094,7 +1163,7 @@ def bit_map_summary(model: nn.Module) -> dict:
             if isinstance(m, QuantLinear) and getattr(m, "w_bits", None) is not None:
                 b = m.w_bits.long().cpu()
                 ck = None if m.w_col_keep is None else m.w_col_keep.cpu()
-                st = mixed_storage_bits(b, ck, tuple(m.weight.shape), index_bits(m.w_bit_choices))
+                st = mixed_storage_bits(b, ck, tuple(m.weight.shape), index_bits(m.w_bit_choices), group_of(m.w_spec))
                 out[f"{bi}.{rel}"] = {"part": _part(rel, arch), "rows": int(b.numel()),
                                       "pruned_rows": int((b == 0).sum()),
                                       "pruned_cols": 0 if ck is None else int((~ck).sum()),

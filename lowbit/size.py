@@ -46,9 +46,10 @@ def size_report(model: nn.Module, float_bits: int = 16) -> dict:
         n = p.numel()
         spec = getattr(mod, "w_spec", None) if pname == "weight" else None
         if isinstance(mod, (QuantLinear, QuantEmbedding)) and pname == "weight" and getattr(mod, "w_bits", None) is not None:
-            from .mixed import index_bits, mixed_storage_bits  # per-row widths (lowbit.mixed)
+            from .mixed import group_of, index_bits, mixed_storage_bits  # per-row widths (lowbit.mixed)
 
-            bits = mixed_storage_bits(mod.w_bits, mod.w_col_keep, tuple(p.shape), index_bits(mod.w_bit_choices))["total"]
+            bits = mixed_storage_bits(mod.w_bits, mod.w_col_keep, tuple(p.shape), index_bits(mod.w_bit_choices),
+                                      group_of(mod.w_spec))["total"]
             parts[part]["quantized_params"] += n
         elif isinstance(mod, (QuantLinear, QuantEmbedding)) and spec is not None:
             bits = storage_bits(tuple(p.shape), spec)["total"]

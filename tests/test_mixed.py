@@ -143,12 +143,13 @@ def test_clipped_noise_stays_in_range_and_learns_the_clip():
     w = torch.randn(8, 512)
     w[:, 0] = 10.0
     lr = mx.NoisyRows(w, 2.0, 8.0, 3.0, clip_bits=3.0)
-    lo, hi = (t.detach() for t in lr.clip_range(w))
+    lo, hi = (t.detach() for t in lr.clip_range(w))  # (rows, 1): one range per row
+    assert lo.shape == hi.shape == (8, 1)
     assert (hi < 10.0).all()  # the outlier is clipped from the start
     out = lr(w)
-    delta = (hi - lo) / (2 ** lr.bits().detach() - 1)
-    assert (out.detach() <= (hi + delta / 2)[:, None] + 1e-5).all()
-    assert (out.detach() >= (lo - delta / 2)[:, None] - 1e-5).all()
+    delta = (hi - lo) / (2 ** lr.bits().detach() - 1)[:, None]
+    assert (out.detach() <= hi + delta / 2 + 1e-5).all()
+    assert (out.detach() >= lo - delta / 2 - 1e-5).all()
     (out - w).pow(2).sum().backward()
     assert lr.clip.grad is not None and lr.clip.grad.abs().sum() > 0
     assert any(lr.clip is p for group, _ in lr.lr_groups() for p in group)  # trained with the bits logits
@@ -355,11 +356,93 @@ def test_unreachable_budget_is_a_clear_error():
         _run(1.5, mixed_prune=False)
 
 
-def test_group_granularity_is_refused():
-    with pytest.raises(ValueError, match="per-channel"):
-        quantize_model(tiny_model(), QuantConfig(weight=parse_spec("int4", "g32"), method="mixed",
+def test_per_tensor_granularity_is_refused():
+    with pytest.raises(ValueError, match="--w-granularity channel .* or gN"):
+        quantize_model(tiny_model(), QuantConfig(weight=parse_spec("int4", "tensor"), method="mixed",
                                                  extra=dict(TINY, mixed_target_bits=3.0)), calib=_ids(),
                        progress=False)
+
+
+# ------------------------------------------------------------------------------ scales per group of a row
+def test_group_noise_ranges_are_each_groups_own():
+    """With ``group``, every (row, group) has its own range (the last group short: 40 = 16 + 16 + 8), the noise
+    stays inside it, and the expected size pays a scale and a zero-point per group."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 40)
+    w[:, 20] = 9.0  # an outlier in the second group only
+    lr = mx.NoisyRows(w, 2.0, 8.0, 3.0, group=16)
+    lo, hi = lr.clip_range(w)
+    assert lo.shape == hi.shape == (4, 3)
+    for g, cols in enumerate((slice(0, 16), slice(16, 32), slice(32, 40))):
+        assert torch.equal(hi[:, g], w[:, cols].amax(1).clamp(min=0))
+        assert torch.equal(lo[:, g], w[:, cols].amin(1).clamp(max=0))
+    delta = (hi - lo) / (2 ** lr.bits().detach() - 1)[:, None]
+    out = lr(w).detach()
+    for g, cols in enumerate((slice(0, 16), slice(16, 32), slice(32, 40))):
+        assert (out[:, cols] <= (hi[:, g] + delta[:, g] / 2)[:, None] + 1e-5).all()
+        assert (out[:, cols] >= (lo[:, g] - delta[:, g] / 2)[:, None] - 1e-5).all()
+    assert (delta[:, 0] < delta[:, 1] / 2).all()  # the outlier widens its own group's grid only
+    per_row = mx.NoisyRows(w, 2.0, 8.0, 3.0)
+    extra = float((lr.expected_bits((4, 40), 3) - per_row.expected_bits((4, 40), 3)).detach())
+    assert abs(extra - 4 * 2 * (16 + 3.0)) < 1e-3  # two more groups per row: fp16 scale + 3-bit zero each
+
+
+def test_group_row_lsq_pack_roundtrip_and_size():
+    """Per-group scales: codes of every group fit the row's width, pack/unpack is bit-exact with pruned rows and
+    columns, and the packed bytes equal the storage formula."""
+    torch.manual_seed(0)
+    R, C, group = 12, 40, 16
+    w = torch.randn(R, C)
+    bits = torch.tensor([0, 2, 3, 4, 5, 6, 8, 2, 3, 0, 4, 8])
+    keep = torch.rand(C) > 0.2
+    q = mx.RowLSQ(w, bits, keep, group=group)
+    y, qp = q(w).detach(), q.qparams()
+    assert qp.scale.shape == (R, 3, 1)
+    gid = torch.arange(C) // group
+    for r, b in enumerate(bits.tolist()):
+        if b:
+            codes = torch.round(y[r] / qp.scale[r, gid, 0] + qp.zero[r, gid, 0])[keep]
+            assert codes.min() >= 0 and codes.max() <= 2 ** b - 1
+    choices = [0, 2, 3, 4, 5, 6, 8]
+    packed = mx.pack_mixed(y, qp, bits, keep, choices, group)
+    w2, qp2, bits2, keep2 = mx.unpack_mixed(packed, (R, C), choices, True, group)
+    assert torch.equal(w2, y) and torch.equal(bits2.long(), bits) and torch.equal(keep2, keep)
+    kept = bits > 0
+    assert torch.equal(qp2.scale[kept], qp.scale[kept]) and torch.equal(qp2.zero[kept], qp.zero[kept])
+    nbytes = sum(t.numel() * t.element_size() for t in packed.values())
+    exact = mx.mixed_storage_bits(bits, keep, (R, C), mx.index_bits(choices), group)["total"]
+    assert exact / 8 <= nbytes <= exact / 8 + len(packed)
+    assert exact - mx.mixed_storage_bits(bits, keep, (R, C), mx.index_bits(choices))["total"] == \
+        2 * (int(kept.sum()) * 16 + int(bits.sum()))  # two more groups per kept row
+
+
+def test_group_method_meets_budget_and_reloads_exactly(tmp_path):
+    """End to end with a scale per 32 columns (FFN rows of 72: a short last group): the exact budget, an exact
+    reload whose size report matches, and the config carries the group size."""
+    spec = mx.container(32)
+    model = quantize_model(tiny_model(), QuantConfig(weight=spec, method="mixed",
+                                                     extra=dict(TINY, mixed_target_bits=3.5)),
+                           calib=_ids(), progress=False)
+    rep = size_report(model)
+    assert 3.4 < rep["blocks_bits_per_param"] <= 3.5 + 1e-9
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert all(m.frozen and m.w_spec == spec and m.qparams.scale.shape[1] > 1 for m in lins)
+    assert model.mixed_report["settings"]["group"] == 32
+    ids = _ids(2, 16, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    loaded = _save_load(model, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+
+
+def test_cli_mixed_granularity_must_be_channel_or_groups(capsys):
+    from lowbit.cli import main
+
+    assert main(["quantize", "stories260k", "--method", "mixed", "--target-bits", "3", "--w-granularity",
+                 "tensor"]) == 2
+    assert "--w-granularity channel or gN" in capsys.readouterr().err
 
 
 @needs_shared
