@@ -335,11 +335,14 @@ def _mixed_plots(rows: list[dict], folder: Path, dataset: str, ppl=None, ylabel:
 
     out = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*")):
+    grouped = lambda r: re.search(r"-g\d+$", r["label"]) is not None  # noqa: E731  (mixed, scales per group)
+    for method, marker in (("rtn", "s"), ("gptq", "^"), ("dfqat", "o"), ("mixed", "*"), ("mixed-groups", "P")):
         pts = sorted((r["bits"]["blocks_bits_per_param"], ppl(r)) for r in rows
-                     if r["method"] == method and not any(t in r["label"] for t in ("noprune", "noclip", "fisher-only", "tiled")) and ppl(r))
+                     if r["method"] == method.split("-")[0] and grouped(r) == method.endswith("groups")
+                     and not any(t in r["label"] for t in ("noprune", "noclip", "fisher-only", "tiled")) and ppl(r))
         if pts:
             ax.plot(*zip(*pts), marker=marker, label={"mixed": "mixed (learned widths)",
+                                                      "mixed-groups": "mixed, a scale per group of columns",
                                                       "dfqat": "dfqat (tiled + end to end)"}.get(method, method))
     fp = next((r for r in rows if r["method"] == "fp"), None)
     if fp:
@@ -398,7 +401,10 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
         return min(rs, key=ppl) if rs else None
 
     def cmp(mixed_label: str, b: int, what: str) -> str | None:
-        m, u = by.get(mixed_label), best(b)
+        # the row with a scale per row, or the best of it and its rows with scales per group (-gN): the same budget
+        cands = [r for k, r in by.items() if (k == mixed_label or re.fullmatch(re.escape(mixed_label) + r"-g\d+", k))
+                 and ppl(r)] if what.startswith("Goal") else [by[mixed_label]] if mixed_label in by else []
+        m, u = (min(cands, key=ppl) if cands else None), best(b)
         if m is None or u is None:
             return None
         if what.startswith("Goal"):
@@ -406,7 +412,8 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
         else:  # a same-size comparison: within 0.5% is a tie
             tag = ("tie (within 0.5%)" if abs(ppl(m) / ppl(u) - 1) < 0.005
                    else ("mixed better" if ppl(m) < ppl(u) else "uniform better"))
-        return (f"{what}: mixed {m['bits']['blocks_bits_per_param']:.3f} bits/param {ppl(m):.2f} vs the best uniform "
+        name = "" if m["label"] == mixed_label else f" (`{m['label']}`, the best of the rows at this budget)"
+        return (f"{what}: mixed{name} {m['bits']['blocks_bits_per_param']:.3f} bits/param {ppl(m):.2f} vs the best uniform "
                 f"int{b} per-channel row ({u['label']}, {u['bits']['blocks_bits_per_param']:.3f} bits/param) "
                 f"{ppl(u):.2f}: **{tag}**")
 
@@ -434,6 +441,12 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
         lines.append("Where mixed 3.0 put its bits, fewest first (stored bits per weight): "
                      + ", ".join(f"{p} {per[p][0] / per[p][1]:.2f}" for p in order)
                      + " (the parts at the front are the ones the training found over-parametrised)")
+    grp = [(t, k, by[f"mixed-{t}"], by[k]) for t in ("2.5", "3.0", "4.0") for k in sorted(by)
+           if re.fullmatch(rf"mixed-{t}-g\d+", k) and f"mixed-{t}" in by and ppl(by[k]) and ppl(by[f"mixed-{t}"])]
+    if grp:
+        lines.append("A scale per group of columns vs one per row, the same budget (metadata included): " + "; ".join(
+            f"at {t}, `{k}` {ppl(g):.2f} vs {ppl(a):.2f} ({'groups' if ppl(g) < ppl(a) else 'one per row'} better by "
+            f"{abs(ppl(g) / ppl(a) - 1) * 100:.1f}%)" for t, k, a, g in grp))
     if "mixed-3.0" in by and "mixed-3.0-noprune" in by:
         a, b = by["mixed-3.0"], by["mixed-3.0-noprune"]
         lines.append(f"Pruning allowed vs not, at 3.0: {ppl(a):.2f} vs {ppl(b):.2f}")

@@ -215,3 +215,22 @@ def test_ptq_table_takes_rtn_rows_from_the_rtn_grid_only_when_the_specs_are_iden
     assert "| w3-channel | rtn | int3 channel asym |" in text and "700.00 | – |" in text
     assert "`rtn-w3-channel` = `rtn/int3-channel-asym`" in text
     assert "rtn-w3-channel" not in text.split("Not run yet")[1]
+
+
+def test_mixed_goal_takes_the_best_row_at_its_budget_and_compares_group_scales():
+    """A goal is about a budget: the best mixed row at 2.5 bits (one scale per row or per group) is judged, and
+    named; the per-group row is also compared with the per-row one."""
+    def rec(label, method, bits, ppl):
+        return {"label": label, "method": method, "bits": {"blocks_bits_per_param": bits},
+                "metrics": {"wikitext2": {"ppl": ppl}}, "quant_wall_s": 1.0}
+
+    by = {r["label"]: r for r in (rec("mixed-2.5", "mixed", 2.5, 70.0), rec("mixed-2.5-g128", "mixed", 2.5, 50.0),
+                                  rec("dfqat-w3-channel", "dfqat", 3.03, 58.0))}
+    text = report._mixed_verdict(by, "wikitext2")
+    assert ("Goal 2, mixed 2.5 better than uniform 3-bit per-channel: mixed (`mixed-2.5-g128`, the best of the rows "
+            "at this budget) 2.500 bits/param 50.00 vs the best uniform int3 per-channel row (dfqat-w3-channel"
+            in text and "58.00: **met**" in text)
+    assert "at 2.5, `mixed-2.5-g128` 50.00 vs 70.00 (groups better by 28.6%)" in text
+    by["mixed-2.5-g128"]["metrics"]["wikitext2"]["ppl"] = 80.0  # worse than the per-row row: that one is judged
+    text = report._mixed_verdict(by, "wikitext2")
+    assert "mixed 2.500 bits/param 70.00 vs the best uniform int3" in text and "**not met**" in text
