@@ -1386,10 +1386,13 @@ and one GPTQ run side by side, so both saw the same load); GPTQ was timed there 
 calibration) for the time ratio, which counts each method's data too: dfqat's self-generation (`data s`)
 and GPTQ's reading of C4. During the int2 g64 pair, short jobs (the test suite, the memory benchmark and the
 tile probes below, ~25 minutes in all) put a third process on the two cores for stretches of both runs
-(compare GPTQ's quant wall times at int3 g128 and int2 g64 in the table). The int3 per-channel and
-tiled-only int2 g64 / int4 g128 / int3 per-channel rows ran beside a mixed-precision run, a llama.cpp build
-(at low priority) and the GGUF check below, with no GPTQ run beside them: their ratios use the GPTQ time of
-the int3 g128 pair, so read them as rough. RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
+(compare GPTQ's quant wall times at int3 g128 and int2 g64 in the table). The int3 per-channel pair (dfqat
+and GPTQ, session 9) ran side by side too, their first ~25 minutes with a third process (two stories260K
+mixed rows, then the test suite at low priority) on the cores: GPTQ's per-block time fell from ~300 s to
+~190 s once it was gone, so that ratio is flattering to dfqat by up to ~20%. The tiled-only int2 g64 / int4
+g128 / int3 per-channel rows ran beside a mixed-precision run, a llama.cpp build (at low priority) and the
+GGUF check below, with no GPTQ run beside them: read their ratios (against their setting's CPU GPTQ run, or
+the int3 g128 pair's where the setting has none) as rough. RTN, GPTQ and AWQ are also given from the H100 runs of the RTN and PTQ tables
 (same code, full split). WikiText-2 on the full split for the headline dfqat rows, C4 on its first 40
 windows (a CPU budget), so every row is also compared on the first 40 windows of both sets. Learning rates
 for this model (tile stage 3e-4 for weights and quantizers, end-to-end 1e-4) come from the probes below on
