@@ -534,6 +534,8 @@ def mixed_section(folder: str = "mixed_stories260k", grid: str = "mixed-stories2
                                                     (("attention", "mixed_attn_target"), ("FFN", "mixed_ffn_target"))
                                                     if ex.get(k) is not None)
                                           + (" (first dfqat defaults named)" if "dfqat_tile_steps" in ex else "")
+                                          + (f", a scale per {w['granularity'][1:]} columns of a row"
+                                             if str(w.get("granularity", "")).startswith("g") else "")
                                           if r["method"] == "mixed" else f"{w['format']} per channel asym"))
         out.append("| " + " | ".join([setting, r["method"], _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                                        _f(r["bits"]["model_bits_per_param"], 3), _ppl_cell(r, dataset),
@@ -1449,7 +1451,8 @@ first defaults (250 steps per tile at learning rates 3e-4 / 1e-4, 100 end-to-end
 learned clipping by default; the `-noclip` rows turn it off (the method as it was before commit 5a4e15f). The
 `-fisher-only` rows skip the noise phase (`mixed_noise_tile_steps=0`, `mixed_noise_e2e_steps=0`): every row starts at
 the target + 2 bits and the diagonal-Fisher greedy repair alone sets the widths (a HAWQ-style allocation, no
-pruning), then the same fine-tune. The wall times were
+pruning), then the same fine-tune. The `-g32` rows (`--w-granularity g32`) keep one width per row but give
+every 32 columns of a row its own fp16 scale and zero-point, paid out of the same budget. The wall times were
 taken while other jobs shared the 2 cores: compare them within a row group only loosely.
 
 {mixed_section()}
