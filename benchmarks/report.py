@@ -134,29 +134,31 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes:
     return "\n".join(out)
 
 
-def _same_rtn(rows: list[dict], labels: list[str], rtn_folder: str | None) -> list[dict]:
-    """RTN rows of ``labels`` not run in this grid, taken from the RTN grid where a record has the very same
-    resolved weight and activation specs (RTN sees no data: the same code gives the same model), relabelled."""
+def _same_spec(rec: dict | None, now: dict | None) -> bool:
+    """Whether a recorded spec dict is ``now``; a key the record lacks was added to the specs later, with the
+    behaviour before it as its default."""
+    return rec == now if rec is None or now is None else {**now, **rec} == now
+
+
+def _same_rtn(rows: list[dict], settings: list, rtn_folder: str | None) -> list[dict]:
+    """RTN rows of the grid ``settings`` not run in this grid, taken from the RTN grid where a record has the very
+    same resolved weight and activation specs (RTN sees no data: the same code gives the same model), relabelled."""
     if rtn_folder is None:
         return []
     from lowbit.config import QuantConfig, parse_spec
-    from ptq_grid import GRIDS
 
     have = {r["label"] for r in rows}
     pool = [r for r in _load(RES / rtn_folder) if r.get("method") == "rtn" and r.get("config")]
     out = []
-    for lab in labels:
-        want = next((s for g in GRIDS.values() for s in g if s.label == lab and s.method == "rtn"), None)
-        if want is None or lab in have:
+    for s in settings:
+        if s.method != "rtn" or s.label in have:
             continue
-        c = QuantConfig(weight=parse_spec(**want.w) if want.w else None,
-                        act=parse_spec(**want.a) if want.a else None, method="rtn").to_dict()
-        # a key a record lacks was added to the specs later, with the behaviour before it as its default
-        same = lambda rec, now: rec == now if rec is None or now is None else {**now, **rec} == now  # noqa: E731
-        r = next((r for r in pool if same(r["config"]["weight"], c["weight"]) and same(r["config"]["act"], c["act"])),
-                 None)
+        c = QuantConfig(weight=parse_spec(**s.w) if s.w else None, act=parse_spec(**s.a) if s.a else None,
+                        method="rtn").to_dict()
+        r = next((r for r in pool if _same_spec(r["config"]["weight"], c["weight"])
+                  and _same_spec(r["config"]["act"], c["act"])), None)
         if r is not None:
-            out.append(dict(r, label=lab, reused_from=f"{rtn_folder}/{r['label']}"))
+            out.append(dict(r, label=s.label, reused_from=f"{rtn_folder}/{r['label']}"))
     return out
 
 
@@ -167,7 +169,7 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
     if not rows:
         return "_no results yet_"
     labels = [s.label for s in GRIDS[grid]]
-    reused = _same_rtn(rows, labels, rtn_folder)
+    reused = _same_rtn(rows, GRIDS[grid], rtn_folder)
     setting = lambda lab: next((x for x in SUFFIXES if lab.endswith(x)), lab)  # noqa: E731
     order = sorted(labels, key=lambda lab: ["fp", *SUFFIXES].index(setting(lab)))  # stable: grid order within
     missing = [lab for lab in labels if lab not in {r["label"] for r in rows + reused}]

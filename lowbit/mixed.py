@@ -85,7 +85,7 @@ from torch import Tensor, nn
 
 from .config import QuantConfig
 from .formats import IntFormat
-from .granularity import PerChannel, PerGroup
+from .granularity import PerChannel, PerGroup, num_groups, to_groups
 from .models import arch_of, blocks as blocks_of
 from .packing import pack_bits, unpack_bits
 from .qmodules import QuantLinear
@@ -95,6 +95,9 @@ from .quantizer import QParams, QuantSpec, _round_scale_fp16
 log = logging.getLogger(__name__)
 
 CONTAINER = QuantSpec(IntFormat(8), PerChannel(), symmetric=False)
+
+SCALE_BITS = 16  # fp16 scale per kept row
+HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1  # hard-concrete constants (Louizos et al. 2018)
 
 
 def container(group: int = 0) -> QuantSpec:
@@ -107,31 +110,26 @@ def group_of(spec: QuantSpec | None) -> int:
     return spec.granularity.size if spec is not None and isinstance(spec.granularity, PerGroup) else 0
 
 
+def _n_groups(C: int, group: int) -> int:
+    return num_groups(container(group).granularity, (1, C))
+
+
 def _group_index(C: int, group: int, device=None) -> Tensor | None:
     """Group of every input column (``(C,)``; the last group may be short), or None for one group per row."""
-    return None if not group or group >= C else torch.arange(C, device=device) // group
+    return None if _n_groups(C, group) == 1 else torch.arange(C, device=device) // group
 
 
-def _n_groups(C: int, group: int) -> int:
-    return 1 if not group or group >= C else -(-C // group)
-
-
-def _group_minmax(w: Tensor, gid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Per (row, group) ``min <= 0 <= max`` of ``w`` (R, C): shapes (R, G)."""
-    if gid is None:
-        return w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
-    R, G = w.shape[0], int(gid[-1]) + 1
-    idx = gid.unsqueeze(0).expand_as(w)
-    mn = w.new_zeros(R, G).scatter_reduce(1, idx, w, "amin")  # the zero start is the clamp: min <= 0
-    mx = w.new_zeros(R, G).scatter_reduce(1, idx, w, "amax")
-    return mn, mx
+def _group_minmax(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Per (row, group) ``min <= 0 <= max`` of ``w`` (R, C), shapes (R, G), through the shared grouped view (its
+    padding repeats a row's last value, so a short last group keeps its min and max)."""
+    wg, _ = to_groups(w, container(group).granularity)
+    return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
 
 
 def _per_col(t: Tensor, gid: Tensor | None) -> Tensor:
     """(R, G) per-group values spread over the columns (R, C); (R, 1) stays (R, 1) (broadcasts)."""
     return t if gid is None else t[:, gid]
-SCALE_BITS = 16  # fp16 scale per kept row
-HC_BETA, HC_GAMMA, HC_ZETA = 2.0 / 3.0, -0.1, 1.1  # hard-concrete constants (Louizos et al. 2018)
+
 
 DEFAULTS = {
     "mixed_target_bits": None,  # bits/param of the decoder blocks (required)
@@ -338,7 +336,7 @@ class NoisyRows(nn.Module):
         # started at the per-row range that minimises the rounding error at ``clip_bits`` (None: full range)
         self.clip = None
         if clip_bits is not None:
-            f = _best_clip(weight.detach().float(), clip_bits, self.gid)
+            f = _best_clip(weight.detach().float(), clip_bits, group)
             g = torch.logit(f.clamp(0.02, 0.98))
             self.clip = nn.Parameter(torch.stack([g, g.clone()], 1))  # (R, 2): gamma_lo, gamma_hi
         # shared UnitGates modules (submodules here too, so checkpoints hold them) and the unit of each row/column
@@ -387,7 +385,7 @@ class NoisyRows(nn.Module):
         min-max range (``min <= 0 <= max`` like the stored grid), shrunk by the row's learned clipping factors
         when there are any."""
         with torch.no_grad():
-            mn, mx = _group_minmax(w, self.gid)
+            mn, mx = _group_minmax(w, self.group)
         if self.clip is None:
             return mn, mx
         s = torch.sigmoid(self.clip)
@@ -426,12 +424,13 @@ class NoisyRows(nn.Module):
 
 
 @torch.no_grad()
-def _best_clip(w: Tensor, bits: float, gid: Tensor | None = None, grid: int = 20) -> Tensor:
-    """Per-row factor ``s`` in [0.3, 1] whose range ``[s min W[c], s max W[c]]`` (of every group of the row,
-    ``gid``) minimises the squared error of round-to-nearest at ``round(bits)`` bits (the AWQ/OmniQuant clipping
+def _best_clip(w: Tensor, bits: float, group: int = 0, grid: int = 20) -> Tensor:
+    """Per-row factor ``s`` in [0.3, 1] whose range ``[s min W[c], s max W[c]]`` (of every ``group`` columns of
+    the row) minimises the squared error of round-to-nearest at ``round(bits)`` bits (the AWQ/OmniQuant clipping
     search, one factor for both ends)."""
     b = max(1, int(math.floor(bits + 0.5)))
-    mn, mx = (_per_col(t, gid) for t in _group_minmax(w, gid))
+    gid = _group_index(w.shape[1], group, w.device)
+    mn, mx = (_per_col(t, gid) for t in _group_minmax(w, group))
     best_err = torch.full((w.shape[0],), math.inf, device=w.device)
     best = torch.ones(w.shape[0], device=w.device)
     for f in torch.linspace(1.0, 0.3, grid).tolist():
@@ -445,12 +444,12 @@ def _best_clip(w: Tensor, bits: float, gid: Tensor | None = None, grid: int = 20
 
 
 def _row_minmax_qparams(w: Tensor, bits: Tensor, col_keep: Tensor | None, clip: Tensor | None = None,
-                        gid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Min-max (min <= 0 <= max) fp16 scale and integer zero per row, or per row and group (``gid``), over the
+                        group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Min-max (min <= 0 <= max) fp16 scale and integer zero per row, or per row and ``group`` columns, over the
     kept columns, shapes (R, G), and qmax (R, 1) for widths ``bits`` (R,); ``clip`` (R, 2): factors of the min
     and the max (learned clipping). A group with no kept column gets scale 1, zero 0."""
     wk = w if col_keep is None else w * col_keep.to(w.dtype).unsqueeze(0)  # pruned columns: 0 is within [min, max]
-    mn, mx = _group_minmax(wk, gid)
+    mn, mx = _group_minmax(wk, group)
     if clip is not None:
         mn, mx = mn * clip[:, :1].to(mn), mx * clip[:, 1:].to(mx)
     qmax = (torch.pow(2.0, bits.float()) - 1).clamp_min(1).unsqueeze(1)
@@ -473,7 +472,7 @@ class RowLSQ(nn.Module):
         self.register_buffer("gid", _group_index(C, group, w.device))
         self.register_buffer("bits", bits.to(w.device, torch.uint8))
         self.register_buffer("col_keep", None if col_keep is None else col_keep.to(w.device, torch.bool))
-        scale, zero, qmax = _row_minmax_qparams(w, self.bits, self.col_keep, clip, self.gid)
+        scale, zero, qmax = _row_minmax_qparams(w, self.bits, self.col_keep, clip, group)
         self.scale = nn.Parameter(scale)  # (R, G)
         self.register_buffer("zero", zero)
         self.register_buffer("qmax", qmax)

@@ -44,6 +44,17 @@ def _save_load(model, folder):
         ex.load_tokenizer = orig
 
 
+def _assert_reloads_exactly(model, folder, rep):
+    """Saved and loaded back, the model gives the same logits and the same size report."""
+    ids = _ids(2, 16, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+    loaded = _save_load(model, folder)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+
+
 # ------------------------------------------------------------------------------------------ coupling
 def _block_out(block, x, model):
     from lowbit.blockwise import run_block
@@ -234,14 +245,7 @@ def test_method_meets_budget_exactly_and_reloads(tmp_path):
     lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert all(m.frozen and m.w_bits is not None and not hasattr(m, "learner") for m in lins)
     assert len({int(b) for m in lins for b in m.w_bits.unique()}) > 1  # really mixed
-    ids = _ids(2, 16, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-
-    loaded = _save_load(model, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, ref)
-    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+    _assert_reloads_exactly(model, tmp_path, rep)
     # the file holds the reported bits (+ padding, header and the fp32 float tensors of this test)
     from safetensors import safe_open
 
@@ -428,13 +432,7 @@ def test_group_method_meets_budget_and_reloads_exactly(tmp_path):
     lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert all(m.frozen and m.w_spec == spec and m.qparams.scale.shape[1] > 1 for m in lins)
     assert model.mixed_report["settings"]["group"] == 32
-    ids = _ids(2, 16, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-    loaded = _save_load(model, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, ref)
-    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+    _assert_reloads_exactly(model, tmp_path, rep)
 
 
 def test_cli_mixed_granularity_must_be_channel_or_groups(capsys):
