@@ -237,8 +237,10 @@ GRIDS["dfqat-smollm2"] = [Setting("fp", full=True)] + [row for suffix, w, full i
     Setting(f"rtn-{suffix}", "rtn", w, full=full),
     Setting(f"gptq-c4-{suffix}", "gptq", w, full=full, calib="c4:128x2048"),  # GPTQ's own protocol
     Setting(f"dfqat-tiled-{suffix}", "dfqat", w, full=full, extra=SMOL_DFQAT | {"dfqat_e2e_steps": 0}),
+    # end to end only, at the combined pipeline's wall time: its 10 tiles cost about as much as 50 end-to-end
+    # steps on this model (~1100 s vs ~21 s a step on one CPU thread), so 75 + 50 steps
     Setting(f"dfqat-e2e-{suffix}", "dfqat", w, full=full,
-            extra=SMOL_DFQAT | {"dfqat_tile_steps": 0, "dfqat_e2e_steps": 250}),
+            extra=SMOL_DFQAT | {"dfqat_tile_steps": 0, "dfqat_e2e_steps": 125}),
     Setting(f"dfqat-{suffix}", "dfqat", w, full=full, extra=dict(SMOL_DFQAT)))] + [
     # int2 with ParetoQ's stretched grid (float zero-point) at g128: 2 + 32/128 bits, the size of asymmetric int2
     # g64 (section (g) on stories260K: ParetoQ g64 beat LSQ int2 g32 at a smaller size)
