@@ -140,45 +140,56 @@ def _same_spec(rec: dict | None, now: dict | None) -> bool:
     return rec == now if rec is None or now is None else {**now, **rec} == now
 
 
-def _same_rtn(rows: list[dict], settings: list, rtn_folder: str | None) -> list[dict]:
-    """RTN rows of the grid ``settings`` not run in this grid, taken from the RTN grid where a record has the very
-    same resolved weight and activation specs (RTN sees no data: the same code gives the same model), relabelled."""
-    if rtn_folder is None:
+_CALIB_KEYS = ("source", "nsamples", "seqlen", "seed")
+
+
+def _calib_key(c) -> tuple | None:
+    return tuple(c.get(k) for k in _CALIB_KEYS) if isinstance(c, dict) else None
+
+
+def _same_run(rows: list[dict], settings: list, folders: list[str]) -> list[dict]:
+    """Rows of the grid ``settings`` not run in this grid, taken from another grid's folder where a record is the
+    very same run: same method, resolved weight/activation/KV specs, method settings and calibration (RTN sees no
+    data; a data-driven method must have used this grid's calibration: same source, size and seed). Relabelled."""
+    if not folders:
         return []
     from lowbit.config import QuantConfig, parse_spec
 
     have = {r["label"] for r in rows}
-    pool = [r for r in _load(RES / rtn_folder) if r.get("method") == "rtn" and r.get("config")]
+    calib = {_calib_key(r.get("calibration")) for r in rows if _calib_key(r.get("calibration"))}
+    pool = [(f, r) for f in folders for r in _load(RES / f) if r.get("config") and r.get("method") != "fp"]
     out = []
     for s in settings:
-        if s.method != "rtn" or s.label in have:
+        if s.method == "fp" or s.label in have:
             continue
         c = QuantConfig(weight=parse_spec(**s.w) if s.w else None, act=parse_spec(**s.a) if s.a else None,
-                        method="rtn").to_dict()
-        r = next((r for r in pool if _same_spec(r["config"]["weight"], c["weight"])
-                  and _same_spec(r["config"]["act"], c["act"])), None)
-        if r is not None:
-            out.append(dict(r, label=s.label, reused_from=f"{rtn_folder}/{r['label']}"))
+                        kv=parse_spec(**s.kv) if s.kv else None, method=s.method, extra=dict(s.extra)).to_dict()
+        for f, r in pool:
+            rc, ck = r["config"], _calib_key(r.get("calibration"))
+            if (r["method"] == s.method and all(_same_spec(rc.get(k), c[k]) for k in ("weight", "act", "kv"))
+                    and (rc.get("extra") or {}) == c["extra"] and (ck is None or ck in calib)):
+                out.append(dict(r, label=s.label, reused_from=f"{f}/{r['label']}"))
+                break
     return out
 
 
 def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
-                datasets: tuple[str, ...] = ("wikitext2", "c4"), rtn_folder: str | None = None) -> str:
+                datasets: tuple[str, ...] = ("wikitext2", "c4"), reuse: tuple[str, ...] = ()) -> str:
     from ptq_grid import GRIDS, SUFFIXES
     rows = _load(RES / folder)
     if not rows:
         return "_no results yet_"
     labels = [s.label for s in GRIDS[grid]]
-    reused = _same_rtn(rows, GRIDS[grid], rtn_folder)
+    reused = _same_run(rows, GRIDS[grid], list(reuse))
     setting = lambda lab: next((x for x in SUFFIXES if lab.endswith(x)), lab)  # noqa: E731
     order = sorted(labels, key=lambda lab: ["fp", *SUFFIXES].index(setting(lab)))  # stable: grid order within
     missing = [lab for lab in labels if lab not in {r["label"] for r in rows + reused}]
     note = (f"\n\nNot run yet ({len(missing)} of {len(labels)} rows): {', '.join(missing)}." if missing else "")
     if reused:
-        note = (f"\n\nTaken from the RTN grid (same weight and activation specs, same code and protocol; "
-                f"{provenance(reused)}; scored on {', '.join(sorted({d for r in reused for d in r['datasets']}))} "
-                f"only, hence the dashes): " + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused)
-                + "." + note)
+        note = (f"\n\nTaken from other grids (the same run: method, weight and activation specs, settings and "
+                f"calibration, same code and protocol; {provenance(reused)}; a dash is a dataset that run did not "
+                f"score, a fraction the windows it scored): "
+                + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused) + "." + note)
     return (ptq_table(rows + reused, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}."
             + note)
 
@@ -1341,7 +1352,7 @@ allocator's peak during quantization (model included).
 python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 --full-split --device cuda --out results/ptq_smollm2
 ```
 
-{ptq_section(rtn_folder="rtn_smollm2_gpu")}
+{ptq_section(reuse=("rtn_smollm2_gpu", "dfqat_smollm2_cpu"))}
 
 ## stories260K: PTQ baselines on the TinyStories held-out text (issue 3)
 

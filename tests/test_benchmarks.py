@@ -208,13 +208,48 @@ def test_ptq_table_takes_rtn_rows_from_the_rtn_grid_only_when_the_specs_are_iden
     (res / "ptq" / "fp.json").write_text(json.dumps(record("fp", ptq_grid.W("int8")) | {"method": "fp", "config": None}))
     (res / "rtn" / "int3-channel-sym.json").write_text(json.dumps(record("int3-channel-sym", ptq_grid.W("int3", "channel", True))))
     monkeypatch.setattr(report, "RES", res)
-    text = report.ptq_section("ptq", "ptq-smollm2", rtn_folder="rtn")
+    text = report.ptq_section("ptq", "ptq-smollm2", reuse=("rtn",))
     assert "| w3-channel | rtn |" not in text and "rtn-w3-channel" in text.split("Not run yet")[1]
     (res / "rtn" / "int3-channel-asym.json").write_text(json.dumps(record("int3-channel-asym", ptq_grid.W("int3", "channel"))))
-    text = report.ptq_section("ptq", "ptq-smollm2", rtn_folder="rtn")
+    text = report.ptq_section("ptq", "ptq-smollm2", reuse=("rtn",))
     assert "| w3-channel | rtn | int3 channel asym |" in text and "700.00 | – |" in text
     assert "`rtn-w3-channel` = `rtn/int3-channel-asym`" in text
     assert "rtn-w3-channel" not in text.split("Not run yet")[1]
+
+
+def test_ptq_table_reuses_a_data_driven_run_only_with_the_same_calibration(tmp_path, monkeypatch):
+    """A GPTQ record of another grid fills a row only if it is the same run: same specs, settings and the
+    calibration (source, size, seed) of this grid's own data-driven rows."""
+    import ptq_grid
+    import report
+
+    def _not_run(text: str) -> list[str]:
+        return text.split("Not run yet")[1].split(": ", 1)[1].rstrip(".").split(", ")
+    from lowbit.config import QuantConfig, parse_spec
+
+    res = tmp_path / "results"
+    for d in ("ptq", "other"):
+        (res / d).mkdir(parents=True)
+    c4 = {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0}
+
+    def record(label, w, calib, extra=None):
+        cfg = QuantConfig(weight=parse_spec(**w), method="gptq", extra=extra or {}).to_dict()
+        m = {"ppl": 130.0, "windows": 148, "windows_total": 148, "window_nlls": [4.87] * 148}
+        return {"label": label, "method": "gptq", "config": cfg, "datasets": ["wikitext2"], "calibration": calib,
+                "bits": {"blocks_bits_per_param": 3.03, "model_bits_per_param": 5.7}, "metrics": {"wikitext2": m},
+                "device": "cpu", "quant_wall_s": 7000.0, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0}
+
+    (res / "ptq" / "gptq-w3-g128.json").write_text(json.dumps(record("gptq-w3-g128", ptq_grid.W("int3", "g128"), c4)))
+    monkeypatch.setattr(report, "RES", res)
+    other = res / "other" / "gptq-c4-w3-channel.json"
+    for calib, extra in ((dict(c4, seed=1), None), (c4, {"act_order": False})):  # another seed; other settings
+        other.write_text(json.dumps(record("gptq-c4-w3-channel", ptq_grid.W("int3", "channel"), calib, extra)))
+        text = report.ptq_section("ptq", "ptq-smollm2", reuse=("other",))
+        assert "gptq-w3-channel" in _not_run(text)
+    other.write_text(json.dumps(record("gptq-c4-w3-channel", ptq_grid.W("int3", "channel"), c4)))
+    text = report.ptq_section("ptq", "ptq-smollm2", reuse=("other",))
+    assert "| w3-channel | gptq | int3 channel asym |" in text and "`gptq-w3-channel` = `other/gptq-c4-w3-channel`" in text
+    assert "gptq-w3-channel" not in _not_run(text) and "quarot+gptq-w3-channel" in _not_run(text)
 
 
 def test_mixed_goal_takes_the_best_row_at_its_budget_and_compares_group_scales():
