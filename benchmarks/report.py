@@ -607,7 +607,7 @@ def mixed_smollm2_section() -> str:
             _f(r["bits"]["blocks_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(r["bits"]["model_bits_per_param"], 3) if r.get("config") else "32 (fp32)",
             _f(_full_ppl(r, "wikitext2")), _prefix_cell(r, "wikitext2", PREFIX), _prefix_cell(r, "c4", PREFIX),
-            _f(r.get("quant_wall_s"), 0), _peak_cell(r)]) + " |")
+            _quant_cell(r) if r.get("quant_wall_s") is not None else "–", _peak_cell(r)]) + " |")
     table2 = _where_bits_went([(k, by[k]) for k in order])
     verdict = _mixed_verdict(by, "wikitext2", ppl=ppl)
     full = {k: r for k, r in by.items() if _full_ppl(r, "wikitext2") is not None}
@@ -828,18 +828,36 @@ def _data_seconds(r: dict) -> float:
     return float(c.get("seconds_to_make", 0.0)) if isinstance(c, dict) else 0.0
 
 
+def _stages(r: dict) -> list[dict]:
+    """The trained stages of a dfqat or mixed record (mixed: its noise phase, then its fine-tune)."""
+    if r.get("dfqat_report"):
+        return [r["dfqat_report"]]
+    m = r.get("mixed_report") or {}
+    return [m[k] for k in ("noise", "finetune") if isinstance(m.get(k), dict)]
+
+
 def _quant_seconds(r: dict) -> float:
-    """Quantization wall time; for a run resumed from a checkpoint, plus the recorded time of the tiles an
-    earlier process trained (the resumed process's clock misses them)."""
-    tiles = (r.get("dfqat_report") or {}).get("tiles") or []
-    return r["quant_wall_s"] + sum(t.get("seconds", 0.0) for t in tiles if t.get("resumed"))
+    """Quantization wall time; for a run resumed from a checkpoint, plus the recorded time of what an earlier
+    process trained (the resumed process's clock misses it): its tiles, and an end-to-end stage it finished
+    (an end-to-end stage's clock carries over in its checkpoint)."""
+    extra = 0.0
+    for st in _stages(r):
+        extra += sum(t.get("seconds", 0.0) for t in st.get("tiles") or [] if t.get("resumed"))
+        e = st.get("e2e") or {}
+        if e.get("steps") and (e.get("resumed_at") or 0) >= e["steps"]:
+            extra += e.get("seconds", 0.0)
+    return r["quant_wall_s"] + extra
 
 
 def _quant_cell(r: dict) -> str:
-    rep = r.get("dfqat_report") or {}
-    partial = any(t.get("resumed") for t in rep.get("tiles") or [])
-    unknown = ((rep.get("e2e") or {}).get("resumed_at") or 0) > 0  # the earlier e2e steps' time is not recorded
-    return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: tiles summed)" if partial else "")
+    stages = _stages(r)
+    partial = any(t.get("resumed") for st in stages for t in st.get("tiles") or []) or any(
+        (st.get("e2e") or {}).get("resumed_at") for st in stages)
+    # an end-to-end stage cut midway: its clock carried over, but the part of it before the cut is already in the
+    # sum only through that clock, not separable from this process's wall time
+    unknown = any(0 < ((st.get("e2e") or {}).get("resumed_at") or 0) < (st.get("e2e") or {}).get("steps", 0)
+                  for st in stages)
+    return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: stages summed)" if partial else "")
 
 
 def _cost(r: dict) -> float:

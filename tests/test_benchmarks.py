@@ -182,10 +182,19 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
 def test_resumed_rows_count_the_tiles_an_earlier_process_trained():
     r = {"quant_wall_s": 60.0, "dfqat_report": {"tiles": [{"resumed": True, "seconds": 100.0},
                                                           {"resumed": False, "seconds": 50.0}], "e2e": None}}
-    assert report._quant_seconds(r) == 160.0 and report._quant_cell(r) == "160 (resumed: tiles summed)"
-    r["dfqat_report"]["e2e"] = {"resumed_at": 20}
-    assert report._quant_cell(r).endswith("(≥, resumed)")
+    assert report._quant_seconds(r) == 160.0 and report._quant_cell(r) == "160 (resumed: stages summed)"
+    r["dfqat_report"]["e2e"] = {"steps": 50, "resumed_at": 20, "seconds": 400.0}  # cut midway: not separable
+    assert report._quant_cell(r).endswith("(≥, resumed)") and report._quant_seconds(r) == 160.0
     assert report._quant_cell({"quant_wall_s": 5.0}) == "5"
+    # mixed: an earlier process did the noise phase (tiles and its finished end-to-end stage) and one fine-tune
+    # tile; the end-to-end clock carries over in the checkpoint, so a finished stage's seconds are all earlier
+    m = {"quant_wall_s": 300.0, "mixed_report": {
+        "noise": {"tiles": [{"resumed": True, "seconds": 100.0}] * 2,
+                  "e2e": {"steps": 50, "resumed_at": 50, "seconds": 500.0}},
+        "finetune": {"tiles": [{"resumed": True, "seconds": 40.0}, {"resumed": False, "seconds": 45.0}],
+                     "e2e": {"steps": 75, "resumed_at": 0, "seconds": 200.0}}}}
+    assert report._quant_seconds(m) == 300.0 + 200.0 + 500.0 + 40.0
+    assert report._quant_cell(m) == "1040 (resumed: stages summed)"
 
 
 def test_ptq_table_takes_rtn_rows_from_the_rtn_grid_only_when_the_specs_are_identical(tmp_path, monkeypatch):
