@@ -189,7 +189,8 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
         note = (f"\n\nTaken from other grids (the same run: method, weight and activation specs, settings and "
                 f"calibration, same code and protocol; {provenance(reused)}; a dash is a dataset that run did not "
                 f"score, a fraction the windows it scored): "
-                + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused) + "." + note)
+                + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused) + ". Their commands "
+                "(one CPU thread where the device says CPU):\n\n```\n" + _commands(reused) + "\n```" + note)
     return (ptq_table(rows + reused, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}."
             + note)
 
@@ -866,7 +867,7 @@ def _cost(r: dict) -> float:
 
 def _commands(rows: list[dict], prefix: str = "OMP_NUM_THREADS=1 python ") -> str:
     """The exact commands that produced ``rows``, as recorded in each of them (unique, in first-seen order)."""
-    seen = dict.fromkeys(prefix + c for r in rows
+    seen = dict.fromkeys((prefix if str(r.get("device", "cpu")).startswith("cpu") else "python ") + c for r in rows
                          for c in [r.get("command"), *(e.get("command") for e in r.get("extended", []))] if c)
     return "\n".join(seen)
 
@@ -1370,7 +1371,7 @@ allocator's peak during quantization (model included).
 python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 --full-split --device cuda --out results/ptq_smollm2
 ```
 
-{ptq_section(reuse=("rtn_smollm2_gpu", "dfqat_smollm2_cpu"))}
+{ptq_section(reuse=("rtn_smollm2_gpu", "dfqat_smollm2_cpu", "ptq_smollm2_cpu"))}
 
 ## stories260K: PTQ baselines on the TinyStories held-out text (issue 3)
 
