@@ -1365,7 +1365,9 @@ C4 evaluation text (the first 1,100 documents of the C4 validation sample). Cali
 methods that use data: 128 windows of 2,048 tokens drawn (seed 0) from documents 1,100+ of the same
 C4 sample, never the evaluation text. RTN, HQQ and BCQ see no data. "quant wall s" is the
 method's time (the calibration text is tokenized once per run, outside it); "peak memory" is the CUDA
-allocator's peak during quantization (model included).
+allocator's peak during quantization (model included). Rows taken from CPU runs (listed under the table) ran
+on one CPU thread and their peak is the process's resident memory: compare their times and memory with
+each other, not with the H100 rows.
 
 ```
 python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets wikitext2,c4 --full-split --device cuda --out results/ptq_smollm2
