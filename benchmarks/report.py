@@ -156,7 +156,7 @@ def _same_run(rows: list[dict], settings: list, folders: list[str]) -> list[dict
     from lowbit.config import QuantConfig, parse_spec
 
     have = {r["label"] for r in rows}
-    calib = {_calib_key(r.get("calibration")) for r in rows if _calib_key(r.get("calibration"))}
+    calib = {k for r in rows if (k := _calib_key(r.get("calibration")))}
     pool = [(f, r) for f in folders for r in _load(RES / f) if r.get("config") and r.get("method") != "fp"]
     out = []
     for s in settings:
@@ -852,12 +852,11 @@ def _quant_seconds(r: dict) -> float:
 
 def _quant_cell(r: dict) -> str:
     stages = _stages(r)
-    partial = any(t.get("resumed") for st in stages for t in st.get("tiles") or []) or any(
-        (st.get("e2e") or {}).get("resumed_at") for st in stages)
+    e2e = [((st.get("e2e") or {}).get("resumed_at") or 0, (st.get("e2e") or {}).get("steps") or 0) for st in stages]
+    partial = any(t.get("resumed") for st in stages for t in st.get("tiles") or []) or any(a for a, _ in e2e)
     # an end-to-end stage cut midway: its clock carried over, but the part of it before the cut is already in the
     # sum only through that clock, not separable from this process's wall time
-    unknown = any(0 < ((st.get("e2e") or {}).get("resumed_at") or 0) < (st.get("e2e") or {}).get("steps", 0)
-                  for st in stages)
+    unknown = any(0 < a < n for a, n in e2e)
     return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: stages summed)" if partial else "")
 
 

@@ -44,15 +44,15 @@ def _save_load(model, folder):
         ex.load_tokenizer = orig
 
 
-def _assert_reloads_exactly(model, folder, rep):
-    """Saved and loaded back, the model gives the same logits and the same size report."""
-    ids = _ids(2, 16, seed=5)
+def _assert_reloads_exactly(model, folder, rep, bits: str = "blocks_bits", seed: int = 5):
+    """Saved and loaded back, the model gives the same logits and the same size report (``bits``)."""
+    ids = _ids(2, 16, seed=seed)
     with torch.no_grad():
         ref = model(ids).logits
     loaded = _save_load(model, folder)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, ref)
-    assert size_report(loaded)["blocks_bits"] == rep["blocks_bits"]
+    assert size_report(loaded)[bits] == rep[bits]
 
 
 # ------------------------------------------------------------------------------------------ coupling
@@ -496,10 +496,4 @@ def test_embedding_rows_get_learned_widths_within_their_own_budget(tmp_path, tie
         assert model.lm_head.weight is emb.weight and torch.equal(model.lm_head.w_bits, emb.w_bits)
     else:
         assert not isinstance(model.lm_head, QuantLinear)  # an untied head stays in float
-    ids = _ids(2, 16, seed=3)
-    with torch.no_grad():
-        ref = model(ids).logits
-    loaded = _save_load(model, tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, ref)
-    assert size_report(loaded)["model_bits"] == rep["model_bits"]
+    _assert_reloads_exactly(model, tmp_path, rep, bits="model_bits", seed=3)
