@@ -409,8 +409,8 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
     ``ppl(record)`` scores a row (default: its whole ``dataset`` metric)."""
     ppl = ppl or (lambda r: r["metrics"][dataset]["ppl"])
 
-    def best(b: int):
-        rs = [by[f"{m}-w{b}-channel"] for m in ("rtn", "gptq", "dfqat") if f"{m}-w{b}-channel" in by]
+    def best(b: int, methods=("rtn", "gptq", "dfqat")):
+        rs = [by[f"{m}-w{b}-channel"] for m in methods if f"{m}-w{b}-channel" in by]
         rs = [r for r in rs if ppl(r)]
         return min(rs, key=ppl) if rs else None
 
@@ -436,6 +436,13 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
                          cmp("mixed-4.3-same-size", 4, "Same real size as int4 per-channel"),
                          cmp("mixed-3.3-same-size", 3, "Same real size as int3 per-channel"),
                          cmp("mixed-2.3-same-size", 2, "Same real size as int2 per-channel")) if x]
+    for t, b in (("3.0", 4), ("2.5", 3)):  # the goal rows against post-training quantization alone (larger rows)
+        cands = [r for k, r in by.items() if re.fullmatch(rf"mixed-{re.escape(t)}(-g\d+)?", k) and ppl(r)]
+        m, u = (min(cands, key=ppl) if cands else None), best(b, ("rtn", "gptq"))
+        if m and u:
+            lines.append(f"Mixed {t} (no data) against the best post-training row at int{b} per channel "
+                         f"({u['label']}, {u['bits']['blocks_bits_per_param']:.3f} bits/param): `{m['label']}` "
+                         f"{ppl(m):.2f} vs {ppl(u):.2f}: **{'mixed' if ppl(m) < ppl(u) else 'PTQ'} better**")
     for t in ("2.5", "3.0", "4.0"):  # a goal row that happens to be no larger than a uniform row of about its size
         m = by.get(f"mixed-{t}")
         for b in (2, 3, 4):

@@ -278,3 +278,10 @@ def test_mixed_goal_takes_the_best_row_at_its_budget_and_compares_group_scales()
     by["mixed-2.5-g128"]["metrics"]["wikitext2"]["ppl"] = 80.0  # worse than the per-row row: that one is judged
     text = report._mixed_verdict(by, "wikitext2")
     assert "mixed 2.500 bits/param 70.00 vs the best uniform int3" in text and "**not met**" in text
+    assert "against the best post-training row" not in text  # no PTQ row: no such line
+    by["gptq-w3-channel"] = rec("gptq-w3-channel", "gptq", 3.03, 127.0)
+    by["rtn-w3-channel"] = rec("rtn-w3-channel", "rtn", 3.03, 600.0)
+    text = report._mixed_verdict(by, "wikitext2")
+    assert ("Mixed 2.5 (no data) against the best post-training row at int3 per channel (gptq-w3-channel, "
+            "3.030 bits/param): `mixed-2.5` 70.00 vs 127.00: **mixed better**") in text
+    assert "**not met**" in text  # the goal is still judged against the best row of all (dfqat)
