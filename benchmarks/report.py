@@ -521,11 +521,13 @@ def _where_bits_went(runs: list[tuple[str, dict]]) -> str:
             pr = sum(v["pruned_rows"] for v in vs)
             pc = sum(v["pruned_cols"] for v in vs)
             cells.append(f"{bits:.2f}" + (f" ({pr} rows" + (f", {pc} cols" if pc else "") + " pruned)" if pr or pc else ""))
+        cells.append(f"{sum(v['pruned_rows'] for v in bm.values())} of {sum(v['rows'] for v in bm.values())}")
         parts.append("| " + " | ".join(cells) + " |")
     if not parts:
         return ""
     return ("\n\nWhere the bits went (stored bits per weight of each part over all layers, metadata included; "
-            "pruned rows / columns):\n\n| run | " + " | ".join(_PARTS) + " |\n|" + "---|" * (len(_PARTS) + 1)
+            "pruned rows / columns):\n\n| run | " + " | ".join(_PARTS) + " | rows pruned, all parts |\n|"
+            + "---|" * (len(_PARTS) + 2)
             + "\n" + "\n".join(parts))
 
 

@@ -285,3 +285,18 @@ def test_mixed_goal_takes_the_best_row_at_its_budget_and_compares_group_scales()
     assert ("Mixed 2.5 (no data) against the best post-training row at int3 per channel (gptq-w3-channel, "
             "3.030 bits/param): `mixed-2.5` 70.00 vs 127.00: **mixed better**") in text
     assert "**not met**" in text  # the goal is still judged against the best row of all (dfqat)
+
+
+def test_where_the_bits_went_sums_each_part_and_counts_pruned_rows():
+    """Bits per weight of a part are summed over layers (not averaged over layers), and the pruned rows of every
+    part are counted against all rows, zero included."""
+    def entry(bits, params, rows, pr=0, pc=0):
+        return {"bits": bits, "params": params, "rows": rows, "pruned_rows": pr, "pruned_cols": pc}
+
+    bm = {"0.self_attn.q_proj": entry(300, 100, 10), "1.self_attn.q_proj": entry(100, 100, 10, pr=2),
+          "0.mlp.down_proj": entry(200, 100, 10, pc=1)}
+    text = report._where_bits_went([("m", {"mixed_report": {"bit_map": bm}}), ("u", {"label": "uniform"})])
+    row = [x for x in text.splitlines() if x.startswith("| m |")]
+    assert len(row) == 1 and "| 2.00 (2 rows pruned) |" in row[0] and "| 2.00 (1 cols pruned) |" not in row[0]
+    assert "| 2.00 (0 rows, 1 cols pruned) |" in row[0] and row[0].endswith("| 2 of 30 |")
+    assert "| u |" not in text and report._where_bits_went([("u", {})]) == ""
