@@ -414,11 +414,14 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
         rs = [r for r in rs if ppl(r)]
         return min(rs, key=ppl) if rs else None
 
-    def cmp(mixed_label: str, b: int, what: str) -> str | None:
+    def at_budget(mixed_label: str):
         # the row with a scale per row, or the best of it and its rows with scales per group (-gN): the same budget
-        cands = [r for k, r in by.items() if (k == mixed_label or re.fullmatch(re.escape(mixed_label) + r"-g\d+", k))
-                 and ppl(r)] if what.startswith("Goal") else [by[mixed_label]] if mixed_label in by else []
-        m, u = (min(cands, key=ppl) if cands else None), best(b)
+        cands = [r for k, r in by.items() if re.fullmatch(re.escape(mixed_label) + r"(-g\d+)?", k) and ppl(r)]
+        return min(cands, key=ppl) if cands else None
+
+    def cmp(mixed_label: str, b: int, what: str) -> str | None:
+        m = at_budget(mixed_label) if what.startswith("Goal") else by.get(mixed_label)
+        u = best(b)
         if m is None or u is None:
             return None
         if what.startswith("Goal"):
@@ -437,8 +440,7 @@ def _mixed_verdict(by: dict, dataset: str, ppl=None) -> str:
                          cmp("mixed-3.3-same-size", 3, "Same real size as int3 per-channel"),
                          cmp("mixed-2.3-same-size", 2, "Same real size as int2 per-channel")) if x]
     for t, b in (("3.0", 4), ("2.5", 3)):  # the goal rows against post-training quantization alone (larger rows)
-        cands = [r for k, r in by.items() if re.fullmatch(rf"mixed-{re.escape(t)}(-g\d+)?", k) and ppl(r)]
-        m, u = (min(cands, key=ppl) if cands else None), best(b, ("rtn", "gptq"))
+        m, u = at_budget(f"mixed-{t}"), best(b, ("rtn", "gptq"))
         if m and u:
             lines.append(f"Mixed {t} (no data) against the best post-training row at int{b} per channel "
                          f"({u['label']}, {u['bits']['blocks_bits_per_param']:.3f} bits/param): `{m['label']}` "
