@@ -53,6 +53,27 @@ def capture_inputs(model: nn.Module, batches: list[Tensor]) -> tuple[list[Tensor
     return hidden, kwargs
 
 
+@torch.no_grad()
+def inputs_reaching(block: nn.Module, module: nn.Module, xs: list[Tensor], kwargs: dict,
+                    consume: Callable[[Tensor], None]) -> None:
+    """Run ``block`` on each of ``xs`` only as far as ``module``: ``consume`` receives the input that
+    ``module`` would get, then the rest of the block is skipped. For the Hessian solvers' sequential
+    groups this saves the layers after the group (e.g. the whole MLP when the group is ``o_proj``)."""
+    def hook(mod, args, kw):
+        consume((args[0] if args else next(iter(kw.values()))).detach())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for x in xs:
+            try:
+                run_block(block, x, kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
 def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     """One decoder block's output hidden states (blocks return a tensor or a tuple)."""
     out = block(x, **kwargs)

@@ -179,7 +179,7 @@ def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dic
     block, each group of Linears that share an input (``ArchSpec.sequential``) gets one Hessian
     ``H = 2/n sum X^T X`` from inputs produced by the already-quantized parts, then
     ``solve(modules, H)`` rounds and freezes them; the quantized block feeds the next one."""
-    from .blockwise import capture_inputs, for_each_block, run_block
+    from .blockwise import capture_inputs, for_each_block, inputs_reaching
 
     arch = arch_of(model)
     hidden, kwargs = capture_inputs(model, list(calib.split(1)))
@@ -194,14 +194,11 @@ def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dic
                 continue
             acc = [None, 0]  # the Linears of one group read the same input: one Hessian
 
-            def hook(mod, inp, out):
-                acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], inp[0].detach())
+            def add(x: Tensor) -> None:
+                acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], x)
 
-            handle = next(iter(mods.values())).register_forward_hook(hook)
-            with torch.no_grad():
-                for x in xs:
-                    run_block(block, x, kw)
-            handle.remove()
+            # the block runs only up to the group (the rest cannot change its input)
+            inputs_reaching(block, next(iter(mods.values())), xs, kw, add)
             solve(mods, acc[0])
 
     def report(i: int, err: float, seconds: float) -> None:

@@ -63,3 +63,48 @@ def test_report_gives_block_error_and_time(tiny_llama):
     seen.clear()
     for_each_block(tiny_llama, hidden, kw, perturb, report=lambda i, e, s: seen.append(e))
     assert all(e > 1e-6 for e in seen)
+
+
+def block_hooks(model) -> int:
+    from lowbit.models import blocks
+
+    return sum(len(m._forward_pre_hooks) for m in blocks(model)[1].modules())
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_inputs_reaching_equals_full_forward_inputs(rotated):
+    """Stopping the block at a Linear hands it exactly the input a full forward would (the Hessian
+    solvers rely on this to skip the layers after each sequential group), also when an online
+    rotation (QuaRot's pre-hook on down_proj and o_proj) transforms that input first."""
+    from lowbit.blockwise import inputs_reaching, run_block
+    from lowbit.models import arch_of, blocks
+
+    model = tiny_model("LlamaForCausalLM")
+    if rotated:
+        from lowbit.quarot import fuse_norms, rotate_ffn_online, rotate_model, rotate_vo
+
+        fuse_norms(model)
+        rotate_model(model, seed=0)
+        rotate_ffn_online(model, seed=0)
+        rotate_vo(model, True, seed=0)
+        assert block_hooks(model)
+    ids = [torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    hidden, kw = capture_inputs(model, ids)
+    block = blocks(model)[1]
+    for group in arch_of(model).sequential:
+        module = block.get_submodule(group[0])
+        full, early = [], []
+        handle = module.register_forward_hook(lambda m, inp, out: full.append(inp[0].detach()))
+        for x in hidden:
+            run_block(block, x, kw)
+        handle.remove()
+        inputs_reaching(block, module, hidden, kw, early.append)
+        assert len(early) == len(full) == 2
+        for a, b in zip(early, full):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a perturbation before the module must show: the captured input is the live one, not a stale copy
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.mul_(2.0)
+    seen = []
+    inputs_reaching(block, block.get_submodule(arch_of(model).sequential[-1][0]), hidden[:1], kw, seen.append)
+    assert arch_of(model).sequential[-1][0] == "mlp.down_proj" and not torch.equal(seen[0], early[0])
