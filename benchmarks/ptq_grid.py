@@ -4,10 +4,11 @@ Resumable: a setting whose JSON already exists under ``--out`` is skipped, and a
 evaluation continues from ``<label>.partial.json`` (the NLLs of the windows already scored). Every
 JSON holds the settings, the calibration set, the exact bits per parameter (blocks and whole model),
 per-window NLLs (so any prefix of the split can be re-scored), quantization wall time, peak memory,
-seed, commit and device. ``--ckpt`` checkpoints the data-free QAT rows (a killed run resumes from its last
-tile or step; the record then says ``resumed_from_checkpoint``); ``--windows-for c4=40`` scores one set on a
+seed, commit and device. ``--ckpt`` checkpoints the data-free QAT rows (every tile and N steps) and the
+block-by-block PTQ rows (every block): a killed run resumes there, and the record then says
+``resumed_from_checkpoint`` (its ``quant_wall_s`` counts this run's share); ``--windows-for c4=40`` scores one set on a
 fixed prefix even in full-split rows (for CPU runs). ``--extend`` scores more windows of rows that exist: the
-model is rebuilt (a dfqat/mixed row from its finished ``--ckpt``), must reproduce the recorded first window, and
+model is rebuilt (from its finished ``--ckpt`` when there is one), must reproduce the recorded first window, and
 only the missing windows run; the record keeps the original run's quantization time and says what was added.
 
     python benchmarks/ptq_grid.py --model smollm2-135m --grid rtn-smollm2 --out results/rtn_smollm2
@@ -341,7 +342,8 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         if needs_calibration(s.method):
             ids, calib_info = calib.for_source(s.calib).get(model, tok, seqlen)
             t0 = time.time()  # the calibration text is shared by all settings: not part of the method's time
-        quantize_model(model, cfg, calib=ids, progress=True)
+        block_ckpt = str(Path(ckpt) / s.label) if ckpt and s.method not in ("dfqat", "mixed") else None
+        quantize_model(model, cfg, calib=ids, progress=True, ckpt=block_ckpt)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     quant_s = time.time() - t0
@@ -380,7 +382,8 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         partial.unlink(missing_ok=True)
         metrics[ds] = res
     rep = size_report(model)
-    reports = {k: getattr(model, k) for k in ("mixed_report", "dfqat_report") if getattr(model, k, None) is not None}
+    reports = {k: getattr(model, k) for k in ("mixed_report", "dfqat_report", "ptq_resume")
+               if getattr(model, k, None) is not None}
     del model
     gc.collect()
     if device.startswith("cuda"):
@@ -397,7 +400,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         "peak_memory_scope": peak_scope,
         "eval_wall_s": sum(m["wall_s"] for m in metrics.values()),
         # resumed from --ckpt: quant_wall_s then counts only this run's share of the training
-        "resumed_from_checkpoint": _resumed(reports),
+        "resumed_from_checkpoint": _resumed(reports) or "ptq_resume" in reports,
         **reports,
         **meta,
     }
@@ -439,7 +442,8 @@ def main() -> None:
     ap.add_argument("--windows-for", default="",
                     help="per-set window caps, e.g. c4=40: that set is scored on a fixed prefix even in full-split rows")
     ap.add_argument("--ckpt", default=None,
-                    help="checkpoint folder for the dfqat/mixed rows (<ckpt>/<label>): a killed run resumes there")
+                    help="checkpoint folder (<ckpt>/<label>): dfqat/mixed rows save every tile and N steps, the "
+                         "block-by-block PTQ rows every block; a killed run resumes there")
     ap.add_argument("--extend", action="store_true",
                     help="only rows that exist: those whose JSON scored fewer windows than asked now are rebuilt (dfqat/mixed "
                          "rows from their finished --ckpt), checked to reproduce their first window, and scored on "

@@ -269,7 +269,7 @@ def awq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = 
             bar.set_postfix({"rtn_err": f"{err_rtn:.2e}", "awq_err": f"{err:.2e}"})
             bar.update(1)
 
-        for_each_block(model, hidden, kwargs, awq_block)
+        for_each_block(model, hidden, kwargs, awq_block, on_restore=lambda i, info: bar.update(1))
     bar.close()
 
 

@@ -82,15 +82,38 @@ def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
 
 @torch.no_grad()
 def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
-                   fn: Callable[[int, nn.Module, list[Tensor], dict], None] | None = None,
+                   fn: Callable[[int, nn.Module, list[Tensor], dict], dict | None] | None = None,
                    device: torch.device | str | None = None,
-                   report: Callable[[int, float, float], None] | None = None, probe: int = 4) -> list[Tensor]:
+                   report: Callable[[int, float, float], None] | None = None, probe: int = 4,
+                   on_restore: Callable[[int, dict], None] | None = None) -> list[Tensor]:
     """Visit every block in order (see the module docstring); returns the last block's outputs.
 
     ``report(i, rel_err, seconds)``, if given, receives each block's reconstruction error
     ``||B_q(x) - B(x)||^2 / ||B(x)||^2`` on its first ``probe`` inputs (``B`` the block before ``fn``,
-    ``B_q`` after, same inputs) and the time ``fn`` took."""
-    for i, block in enumerate(blocks(model)):
+    ``B_q`` after, same inputs) and the time ``fn`` took.
+
+    With an active :mod:`lowbit.blockckpt` checkpoint each finished block is saved, and the blocks a
+    killed run finished are restored instead of recomputed. ``fn`` may return a dict: its scalars are kept
+    with the block, its lists of tensors (state the method carries to the next block) with the latest block
+    only; ``on_restore(i, info)`` gives them back for each restored block (the carried tensors with the last
+    one), so that the method's own state and progress bar catch up."""
+    from . import blockckpt
+
+    ck = blockckpt.take()
+    todo = list(enumerate(blocks(model)))
+    if ck is not None and ck.done:
+        n = min(ck.done, len(todo))
+        for i, block in todo[:n]:
+            info = ck.restore(i, block)
+            if i == n - 1:  # the hidden states entering block n, and the method's carried tensors
+                inputs, carried = ck.carry(inputs[0].device if inputs else "cpu")
+                info |= carried
+            if report is not None:
+                report(i, info.get("rel_err", float("nan")), info.get("seconds", 0.0))
+            if on_restore is not None:
+                on_restore(i, info)
+        todo = todo[n:]
+    for i, block in todo:
         home = next(block.parameters()).device
         dev = torch.device(device) if device is not None else home
         block.to(dev)
@@ -98,16 +121,19 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
         kw = {k: _to(v, dev) for k, v in kwargs.items()}
         ref = [run_block(block, x, kw) for x in xs[:probe]] if report is not None else []
         t0 = time.time()
-        if fn is not None:
-            fn(i, block, xs, kw)
+        info = (fn(i, block, xs, kw) if fn is not None else None) or {}
         seconds = time.time() - t0
         with torch.no_grad():
             inputs = [run_block(block, x, kw) for x in xs]
+        err = float("nan")
         if report is not None:
             num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(inputs, ref))
             den = sum(float(r.float().pow(2).sum()) for r in ref)
-            report(i, num / max(den, 1e-30), seconds)
+            err = num / max(den, 1e-30)
+            report(i, err, seconds)
         block.to(home)
+        if ck is not None:
+            ck.save(i, block, inputs, {"rel_err": err, "seconds": seconds} | info)
     return inputs
 
 

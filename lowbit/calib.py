@@ -66,13 +66,13 @@ def self_generated_batches(model: nn.Module, tok: Tokenizer, n: int = 128, seqle
 
 
 def calibration_batches(tok: Tokenizer, source: str = "c4", n: int = 128, seqlen: int = 2048,
-                        seed: int = 0, model: nn.Module | None = None) -> torch.Tensor:
+                        seed: int = 0, model: nn.Module | None = None, progress: bool = True) -> torch.Tensor:
     """``(n, seqlen)`` token ids from random offsets of the source, reproducible from ``seed``.
     ``source="self"`` samples them from ``model`` (see the module docstring)."""
     if source == "self":
         if model is None:
             raise ValueError("calibration source 'self' needs the model that generates the text")
-        return self_generated_batches(model, tok, n, seqlen, seed)
+        return self_generated_batches(model, tok, n, seqlen, seed, progress=progress)
     ids = calibration_text_ids(source, tok)
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration source {source!r} has {ids.numel()} tokens, fewer than one window of "

@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--out", default=None, help="save the quantized model to this folder")
+    q.add_argument("--ckpt", default=None, metavar="FOLDER",
+                   help="checkpoint folder: the block-by-block methods (gptq, awq, smoothquant, omniquant, spqr) "
+                        "save every finished block, dfqat and mixed every tile and N steps; the same command "
+                        "continues a killed run there")
     q.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the tensors that stay unquantized in the saved folder")
     q.add_argument("--gguf", default=None, metavar="PATH",
@@ -370,14 +374,18 @@ def cmd_quantize(a) -> dict:
             calib = load_dataset(source).ids
             nsamples, cl = (int(n) for n in calib.shape)
         else:
-            calib = calibration_batches(tok, source, nsamples, cl, seed=a.seed, model=model)
+            calib = calibration_batches(tok, source, nsamples, cl, seed=a.seed, model=model, progress=not a.quiet)
         if {"gptq", "spqr"} & set(recipe_steps(cfg.method)):  # the Hessian solvers' CLI flags
             cfg.extra = {"percdamp": a.percdamp, "act_order": a.act_order} | cfg.extra
         record["calibration"] = {"source": source, "nsamples": nsamples, "seqlen": cl, "seed": a.seed}
+    if a.ckpt and {"dfqat", "mixed"} & set(recipe_steps(cfg.method)):
+        cfg.extra.setdefault("dfqat_ckpt", a.ckpt)
     record["config"] = cfg.to_dict()
     t0 = time.time()
-    quantize_model(model, cfg, calib=calib, progress=not a.quiet)
-    record["quant_wall_s"] = time.time() - t0
+    quantize_model(model, cfg, calib=calib, progress=not a.quiet, ckpt=a.ckpt)
+    record["quant_wall_s"] = time.time() - t0  # this run's share when it resumed from --ckpt
+    if getattr(model, "ptq_resume", None):
+        record["ptq_resume"] = model.ptq_resume
     if not main:
         return record
     if getattr(model, "dfqat_report", None) is not None:  # per tile / end-to-end losses, seconds, steps

@@ -579,8 +579,15 @@ def omniquant_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = 
         report.append({"block": i, "loss": loss, "seconds": time.time() - t0})
         bar.set_postfix(loss=f"{loss:.3g}", s=f"{time.time() - t0:.1f}")
         bar.update(1)
+        return {"loss": loss, "fp_next": list(fp_next)}  # the float stream goes on with a resumed run
 
-    for_each_block(model, hidden, kwargs, quantize_block)
+    def restored(i: int, info: dict) -> None:
+        report.append({"block": i, "loss": info["loss"], "seconds": info["seconds"], "restored": True})
+        if "fp_next" in info:
+            fp_inps[:] = info["fp_next"]
+        bar.update(1)
+
+    for_each_block(model, hidden, kwargs, quantize_block, on_restore=restored)
     bar.close()
     model.omniquant_report = report
     log.info("omniquant: %s", ", ".join(f"block {r['block']} loss {r['loss']:.3g} ({r['seconds']:.1f}s)"

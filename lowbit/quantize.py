@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -185,7 +186,7 @@ def validate_config(model: nn.Module, cfg: QuantConfig) -> None:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None = None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, ckpt: str | Path | None = None) -> nn.Module:
     """Quantize ``model`` in place according to ``cfg`` and return it.
 
     ``cfg.method`` is one method or a recipe (``"quarot,gptq"``, ``"awq,rtn"``): transforms run in
@@ -193,6 +194,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
     rounded to nearest. ``calib`` (token ids, ``(n, seqlen)``) goes to the steps that need data.
     Methods work on the device the model is on. The config is attached as ``model.lowbit_config``
     so that :func:`lowbit.export.save_quantized` can write it beside the weights.
+
+    ``ckpt``: a folder where the block-by-block steps (GPTQ, AWQ, SmoothQuant, OmniQuant, SpQR) save each
+    finished block (:mod:`lowbit.blockckpt`); the same call after a killed run continues where it stopped
+    and says so in ``model.ptq_resume``. (dfqat and mixed checkpoint with ``extra["dfqat_ckpt"]``.)
     """
     validate_config(model, cfg)
     steps = recipe_steps(cfg.method)
@@ -215,8 +220,30 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
                 m = QuantLinear.from_linear(m, None)
                 set_module(model, name, m)
             m.out_spec = cfg.kv
-    for step in steps:
-        get_algorithm(step)(model, cfg, calib=calib, progress=progress)
+    key_of = None
+    if ckpt is not None:
+        from .blockckpt import run_key
+        from .datafree import model_fingerprint
+
+        d = cfg.to_dict()
+        d["extra"] = {k: v for k, v in d["extra"].items() if not k.endswith("_ckpt")}
+        fp = model_fingerprint(model)  # the model as it enters the first step: float weights, module layout
+        key_of = lambda k, step: run_key(d, fp, calib, f"{k}-{step}")  # noqa: E731
+    resumed = []
+    for k, step in enumerate(steps):
+        if key_of is None:
+            get_algorithm(step)(model, cfg, calib=calib, progress=progress)
+            continue
+        from .blockckpt import BlockCheckpoint, active
+
+        with active(BlockCheckpoint(Path(ckpt) / f"{k}-{step}", key_of(k, step))) as ck:
+            get_algorithm(step)(model, cfg, calib=calib, progress=progress)
+        if ck.restored:
+            resumed.append({"step": step, "blocks_restored": ck.restored,
+                            "seconds_restored": sum(b.get("seconds", 0.0) for b in ck.meta["blocks"][:ck.restored])})
+            log.info("%s: %d blocks restored from %s", step, ck.restored, ck.folder)
+    if resumed:
+        model.ptq_resume = resumed
     if steps[-1] != "rtn":
         rtn(model, cfg, progress=False)  # whatever the recipe left unrounded (a no-op after a solver)
     _quantize_embeddings(model, cfg)

@@ -74,7 +74,7 @@ def smoothquant_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor |
             bar.set_postfix({"err_before": f"{before:.2e}", "err_after": f"{after:.2e}"})
             bar.update(1)
 
-        for_each_block(model, hidden, kwargs, smooth_block)
+        for_each_block(model, hidden, kwargs, smooth_block, on_restore=lambda i, info: bar.update(1))
     bar.close()
 
 

@@ -300,3 +300,23 @@ def test_where_the_bits_went_sums_each_part_and_counts_pruned_rows():
     assert len(row) == 1 and "| 2.00 (2 rows pruned) |" in row[0] and "| 2.00 (1 cols pruned) |" not in row[0]
     assert "| 2.00 (0 rows, 1 cols pruned) |" in row[0] and row[0].endswith("| 2 of 30 |")
     assert "| u |" not in text and report._where_bits_went([("u", {})]) == ""
+
+
+@needs_shared
+def test_grid_ptq_row_resumes_from_its_block_checkpoint(tmp_path, monkeypatch):
+    """A GPTQ row with --ckpt: the rerun (its JSON deleted) restores every block instead of solving, scores the
+    same and says it resumed."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    monkeypatch.setattr(sys, "argv", [
+        "ptq_grid.py", "--model", "stories260k", "--grid", "ptq-stories260k", "--only", "gptq-w3-g32",
+        "--datasets", "tinystories", "--windows", "2", "--calib", "self", "--nsamples", "8", "--calib-seqlen", "32",
+        "--device", "cpu", "--ckpt", str(ck), "--out", str(out)])
+    ptq_grid.main()
+    path = out / "gptq-w3-g32.json"
+    a = json.loads(path.read_text())
+    assert not a["resumed_from_checkpoint"] and (ck / "gptq-w3-g32" / "0-gptq" / "state.json").is_file()
+    path.unlink()
+    ptq_grid.main()
+    b = json.loads(path.read_text())
+    assert b["resumed_from_checkpoint"] and b["ptq_resume"][0]["blocks_restored"] == 5
+    assert b["metrics"]["tinystories"]["window_nlls"] == a["metrics"]["tinystories"]["window_nlls"]
