@@ -11,13 +11,17 @@
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from .models import arch_of, blocks, get_module
+
+log = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -74,6 +78,70 @@ def inputs_reaching(block: nn.Module, module: nn.Module, xs: list[Tensor], kwarg
         handle.remove()
 
 
+class AttentionCache:
+    """Skip recomputing attention once its input projections are final.
+
+    In a block whose q/k/v projections are frozen, the attention module's output on a fixed input is
+    ``o_proj(core)`` with ``core`` (softmax(QK^T)V, heads merged) fixed too; only ``o_proj`` may still change.
+    :meth:`record` keeps ``core`` for each input as it reaches ``o_proj`` (before ``o_proj``'s own pre-hooks,
+    e.g. QuaRot's online rotation), and inside :meth:`replay` the attention module returns ``o_proj(core)``
+    for its ``j``-th call of the pass instead of recomputing q, k, v and the scores. The first replayed
+    call also runs the real attention and compares: an architecture that does more after ``o_proj`` is
+    caught there and the cache turns itself off. Costs one ``core`` tensor per input (the size of the
+    hidden states)."""
+
+    def __init__(self, block: nn.Module, out_proj: str):
+        self.attn = block.get_submodule(out_proj.rpartition(".")[0])
+        self.out = block.get_submodule(out_proj)
+        self.cores: list[Tensor] = []
+        self.rest: tuple | None = None  # what the attention module returns beside its output (None: a tensor)
+        self.ok: bool | None = None  # None: not checked yet
+
+    def ready(self, n: int) -> bool:
+        return self.ok is not False and len(self.cores) == n
+
+    @contextmanager
+    def record(self):
+        self.cores.clear()
+        handle = self.out.register_forward_pre_hook(lambda m, args: self.cores.append(args[0].detach()),
+                                                    prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def replay(self):
+        real, calls = self.attn.forward, [0]
+
+        def forward(*args, **kwargs):
+            j = calls[0]
+            calls[0] += 1
+            if self.ok is None:  # the first replay: check it against the real attention
+                ref = real(*args, **kwargs)
+                ref0 = ref[0] if isinstance(ref, tuple) else ref
+                self.rest = tuple(ref[1:]) if isinstance(ref, tuple) else None
+                self.ok = bool(torch.equal(ref0, self.out(self.cores[j])))
+                if not self.ok:
+                    log.warning("attention cache off: %s does more than o_proj(core) here",
+                                type(self.attn).__name__)
+                return ref
+            if not self.ok:
+                return real(*args, **kwargs)
+            y = self.out(self.cores[j])
+            return y if self.rest is None else (y, *self.rest)
+
+        patched = self.attn.__dict__.get("forward")  # an instance-level forward someone set: put it back after
+        self.attn.forward = forward
+        try:
+            yield
+        finally:
+            if patched is not None:
+                self.attn.forward = patched
+            else:
+                del self.attn.forward
+
+
 def run_block(block: nn.Module, x: Tensor, kwargs: dict) -> Tensor:
     """One decoder block's output hidden states (blocks return a tensor or a tuple)."""
     out = block(x, **kwargs)
@@ -93,7 +161,8 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
     ``B_q`` after, same inputs) and the time ``fn`` took.
 
     With an active :mod:`lowbit.blockckpt` checkpoint each finished block is saved, and the blocks a
-    killed run finished are restored instead of recomputed. ``fn`` may return a dict: its scalars are kept
+    killed run finished are restored instead of recomputed. ``fn`` may return a dict: ``outputs``, the
+    changed block's outputs on ``inputs`` if ``fn`` computed them (saves a forward), and scalars kept
     with the block, its lists of tensors (state the method carries to the next block) with the latest block
     only; ``on_restore(i, info)`` gives them back for each restored block (the carried tensors with the last
     one), so that the method's own state and progress bar catch up."""
@@ -123,8 +192,9 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
         t0 = time.time()
         info = (fn(i, block, xs, kw) if fn is not None else None) or {}
         seconds = time.time() - t0
+        outputs = info.pop("outputs", None)  # fn may have computed the changed block's outputs already
         with torch.no_grad():
-            inputs = [run_block(block, x, kw) for x in xs]
+            inputs = outputs if outputs is not None else [run_block(block, x, kw) for x in xs]
         err = float("nan")
         if report is not None:
             num = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(inputs, ref))

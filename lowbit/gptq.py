@@ -174,18 +174,27 @@ def _gptq_columns(W: Tensor, perm: Tensor, U: Tensor, spec: QuantSpec, block_siz
 
 
 def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dict[str, QuantLinear], Tensor], None],
-                     desc: str = "gptq", progress: bool = True) -> None:
+                     desc: str = "gptq", progress: bool = True, attn_cache: bool = True) -> None:
     """The Hessian-based solvers' loop (GPTQ, SpQR): block by block and true-sequentially. Within a
     block, each group of Linears that share an input (``ArchSpec.sequential``) gets one Hessian
     ``H = 2/n sum X^T X`` from inputs produced by the already-quantized parts, then
-    ``solve(modules, H)`` rounds and freezes them; the quantized block feeds the next one."""
-    from .blockwise import capture_inputs, for_each_block, inputs_reaching
+    ``solve(modules, H)`` rounds and freezes them; the quantized block feeds the next one.
+
+    Each group's inputs come from running the block only up to the group. With ``attn_cache`` the
+    attention core (fixed once q/k/v are frozen) is kept from the pass that reaches ``o_proj`` and the
+    later passes and the block's output replay ``o_proj(core)`` (:class:`lowbit.blockwise.AttentionCache`):
+    the same inputs and Hessians bit for bit, about one block forward per block fewer."""
+    from contextlib import nullcontext
+
+    from .blockwise import AttentionCache, capture_inputs, for_each_block, inputs_reaching, run_block
 
     arch = arch_of(model)
     hidden, kwargs = capture_inputs(model, list(calib.split(1)))
     bar = tqdm(total=len(blocks_of(model)), desc=desc, disable=not progress, unit="block")
+    out_proj = arch.attn[-1]
 
-    def quantize_block(i: int, block: nn.Module, xs: list[Tensor], kw: dict) -> None:
+    def quantize_block(i: int, block: nn.Module, xs: list[Tensor], kw: dict) -> dict | None:
+        cache = AttentionCache(block, out_proj) if attn_cache else None
         for group in arch.sequential:
             mods = {n: block.get_submodule(n) for n in group}
             mods = {n: m for n, m in mods.items() if isinstance(m, QuantLinear) and m.w_spec is not None
@@ -198,8 +207,16 @@ def sequential_solve(model: nn.Module, calib: torch.Tensor, solve: Callable[[dic
                 acc[0], acc[1] = accumulate_hessian(acc[0], acc[1], x)
 
             # the block runs only up to the group (the rest cannot change its input)
-            inputs_reaching(block, next(iter(mods.values())), xs, kw, add)
+            stage = nullcontext()
+            if cache is not None:
+                stage = cache.record() if out_proj in group else cache.replay() if cache.ready(len(xs)) else stage
+            with stage:
+                inputs_reaching(block, next(iter(mods.values())), xs, kw, add)
             solve(mods, acc[0])
+        if cache is None or not cache.ready(len(xs)):
+            return None
+        with cache.replay():
+            return {"outputs": [run_block(block, x, kw) for x in xs]}
 
     def report(i: int, err: float, seconds: float) -> None:
         bar.set_postfix(block_err=f"{err:.2e}", s=f"{seconds:.1f}")

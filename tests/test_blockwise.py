@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ARCH_NAMES, tiny_model
+from conftest import ARCH_NAMES, tiny_config, tiny_model
 from lowbit.blockwise import capture_inputs, for_each_block, head_logits
 from lowbit.config import QuantConfig, parse_spec
 from lowbit.qmodules import QuantLinear, replace_modules
@@ -108,3 +108,66 @@ def test_inputs_reaching_equals_full_forward_inputs(rotated):
     seen = []
     inputs_reaching(block, block.get_submodule(arch_of(model).sequential[-1][0]), hidden[:1], kw, seen.append)
     assert arch_of(model).sequential[-1][0] == "mlp.down_proj" and not torch.equal(seen[0], early[0])
+
+
+@pytest.mark.parametrize("arch,rotated", [(a, False) for a in ARCH_NAMES] + [("LlamaForCausalLM", True)])
+def test_attention_cache_leaves_gptq_unchanged(arch, rotated, monkeypatch):
+    """GPTQ with the attention cache (later groups and the block output replay o_proj(core)) gives the same
+    model bit for bit as recomputing attention in every pass, on every architecture and with QuaRot's online
+    rotations; the first replay checked itself against the real attention."""
+    import lowbit.gptq as G
+    from lowbit import blockwise
+    from lowbit.quantize import quantize_model
+
+    calib = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(6))
+    cfg = QuantConfig(weight=parse_spec("int3", "g32"), act=parse_spec("int8", "token") if rotated else None,
+                      method="quarot,gptq" if rotated else "gptq")
+    caches, out = [], {}
+    real_init, solve = blockwise.AttentionCache.__init__, G.sequential_solve
+    monkeypatch.setattr(blockwise.AttentionCache, "__init__", lambda self, *a: (real_init(self, *a),
+                                                                               caches.append(self))[0])
+    for cache in (False, True):
+        monkeypatch.setattr(G, "sequential_solve", lambda *a, c=cache, **k: solve(*a, **k, attn_cache=c))
+        model = tiny_model(arch)
+        quantize_model(model, cfg, calib=calib, progress=False)
+        out[cache] = model(ids).logits
+    assert len(caches) == tiny_config(arch).num_hidden_layers and all(c.ok for c in caches)
+    assert torch.equal(out[True], out[False])
+
+
+def test_attention_cache_turns_itself_off_when_attention_does_more():
+    """An attention module whose forward changes its output after o_proj: the first replay sees the difference,
+    the cache falls back to the real attention, and GPTQ's result is the uncached one. (Forward hooks on the
+    attention module need no such care: they run on the replayed output as on the real one.)"""
+    from lowbit import blockwise
+    from lowbit.gptq import sequential_solve
+    from lowbit.models import blocks
+
+    calib = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(4))
+    out, caches = {}, []
+    real_init = blockwise.AttentionCache.__init__
+
+    def init(self, *a):
+        real_init(self, *a)
+        caches.append(self)
+
+    for cache in (False, True):
+        model = tiny_model()
+        for blk in blocks(model):
+            def more(*a, real=blk.self_attn.forward, **k):  # something after o_proj, inside the forward
+                o = real(*a, **k)
+                return (o[0] * 1.5, *o[1:])
+
+            blk.self_attn.forward = more
+        replace_modules(model, lambda m, n: QuantLinear.from_linear(m, parse_spec("int3", "g32")),
+                        lambda m, n: isinstance(m, torch.nn.Linear) and n != "lm_head")
+        blockwise.AttentionCache.__init__ = init
+        try:
+            sequential_solve(model, calib, lambda mods, H: [m.freeze() for m in mods.values()], progress=False,
+                             attn_cache=cache)
+        finally:
+            blockwise.AttentionCache.__init__ = real_init
+        out[cache] = model(calib[:1]).logits
+    assert caches and all(c.ok is False for c in caches)
+    assert torch.equal(out[True], out[False])
