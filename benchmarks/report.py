@@ -858,6 +858,8 @@ def _quant_seconds(r: dict) -> float:
         e = st.get("e2e") or {}
         if e.get("steps") and (e.get("resumed_at") or 0) >= e["steps"]:
             extra += e.get("seconds", 0.0)
+    # a block-by-block PTQ row resumed from --ckpt: the restored blocks' recorded time
+    extra += sum(p.get("seconds_restored", 0.0) for p in r.get("ptq_resume") or [])
     return r["quant_wall_s"] + extra
 
 
@@ -868,6 +870,8 @@ def _quant_cell(r: dict) -> str:
     # an end-to-end stage cut midway: its clock carried over, but the part of it before the cut is already in the
     # sum only through that clock, not separable from this process's wall time
     unknown = any(0 < a < n for a, n in e2e)
+    if r.get("ptq_resume"):
+        return _f(_quant_seconds(r), 0) + " (resumed: blocks summed)"
     return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: stages summed)" if partial else "")
 
 

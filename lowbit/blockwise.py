@@ -188,6 +188,7 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
         block.to(dev)
         xs = [x.to(dev) for x in inputs]
         kw = {k: _to(v, dev) for k, v in kwargs.items()}
+        t_block = time.time()
         ref = [run_block(block, x, kw) for x in xs[:probe]] if report is not None else []
         t0 = time.time()
         info = (fn(i, block, xs, kw) if fn is not None else None) or {}
@@ -203,7 +204,8 @@ def for_each_block(model: nn.Module, inputs: list[Tensor], kwargs: dict,
             report(i, err, seconds)
         block.to(home)
         if ck is not None:
-            ck.save(i, block, inputs, {"rel_err": err, "seconds": seconds} | info)
+            # wall_s: the block's whole time (fn, its output pass, the error probe), what a resumed run does not redo
+            ck.save(i, block, inputs, {"rel_err": err, "seconds": seconds, "wall_s": time.time() - t_block} | info)
     return inputs
 
 

@@ -240,7 +240,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
             get_algorithm(step)(model, cfg, calib=calib, progress=progress)
         if ck.restored:
             resumed.append({"step": step, "blocks_restored": ck.restored,
-                            "seconds_restored": sum(b.get("seconds", 0.0) for b in ck.meta["blocks"][:ck.restored])})
+                            "seconds_restored": sum(b.get("wall_s", 0.0) for b in ck.meta["blocks"][:ck.restored])})
             log.info("%s: %d blocks restored from %s", step, ck.restored, ck.folder)
     if resumed:
         model.ptq_resume = resumed

@@ -320,3 +320,9 @@ def test_grid_ptq_row_resumes_from_its_block_checkpoint(tmp_path, monkeypatch):
     b = json.loads(path.read_text())
     assert b["resumed_from_checkpoint"] and b["ptq_resume"][0]["blocks_restored"] == 5
     assert b["metrics"]["tinystories"]["window_nlls"] == a["metrics"]["tinystories"]["window_nlls"]
+
+
+def test_resumed_ptq_row_counts_its_restored_blocks():
+    r = {"quant_wall_s": 10.0, "ptq_resume": [{"step": "gptq", "blocks_restored": 3, "seconds_restored": 25.0}]}
+    assert report._quant_seconds(r) == 35.0 and report._quant_cell(r) == "35 (resumed: blocks summed)"
+    assert report._quant_seconds({"quant_wall_s": 10.0}) == 10.0
