@@ -195,6 +195,21 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
             + note)
 
 
+def engine_section(folder: Path | None = None) -> str:
+    """The Hessian solvers' loop with and without the attention cache (benchmarks/engine_speed.py)."""
+    rows = _load(folder or RES / "engine_speed")
+    if not rows:
+        return "_no results yet_"
+    out = ["| model | blocks | method | weights | calibration | device, threads | cache off s | cache on s | speed-up "
+           "| outputs identical |", "|" + "---|" * 10]
+    for r in sorted(rows, key=lambda r: (r["model"], r["method"], r["blocks"])):
+        out.append(f"| {r['model']} | {r['blocks']} | {r['method']} | {r['weights']} | {r['calibration']} | "
+                   f"{r['device']}, {r['threads']} | {r['seconds_cache_off']:.1f} | {r['seconds_cache_on']:.1f} | "
+                   f"{r['speedup']:.2f}x | {'yes' if r['identical_outputs'] else 'NO'} |")
+    cmds = list(dict.fromkeys(f"OMP_NUM_THREADS={r['threads']} python {r['command']}" for r in rows))
+    return "```\n" + "\n".join(cmds) + "\n```\n\n" + "\n".join(out) + f"\n\nProvenance: {provenance(rows)}."
+
+
 def peers_section() -> str:
     """The peer rows, the paired comparisons, the HQQ objectives and a verdict computed from them."""
     from peers import paired
@@ -1399,6 +1414,17 @@ python benchmarks/ptq_grid.py --model smollm2-135m --grid ptq-smollm2 --datasets
 ```
 
 {ptq_section(reuse=("rtn_smollm2_gpu", "dfqat_smollm2_cpu", "ptq_smollm2_cpu"))}
+
+### The Hessian solvers' loop: the attention cache
+
+GPTQ and SpQR give each true-sequential group (q/k/v, o, gate/up, down) a Hessian of the inputs it sees with the
+groups before it quantized, so each block used to run attention once per group and once more for its output.
+Once q/k/v are frozen the attention core no longer changes; the cache keeps it from the pass that reaches
+`o_proj` and replays `o_proj(core)` after that (`lowbit.blockwise.AttentionCache`). The same GPTQ on the first
+decoder blocks of SmolLM2, with the cache off and on, in one run on one machine (times include capturing the
+calibration inputs):
+
+{engine_section()}
 
 ## stories260K: PTQ baselines on the TinyStories held-out text (issue 3)
 

@@ -233,7 +233,8 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
     Settings (``cfg.extra``): ``percdamp`` (0.01), ``act_order`` (True: columns by decreasing Hessian
     diagonal with static groups, the reference README's recommended setting; without it GPTQ can lose
     to RTN on Llama-family models), ``block_size`` (128), ``gptq_static_groups`` (a boolean; default:
-    static with act-order, lazy without; true without act-order = llm-compressor's static groups)."""
+    static with act-order, lazy without; true without act-order = llm-compressor's static groups),
+    ``attn_cache`` (True, :func:`attn_cache_option`)."""
     opts = options(cfg)
 
     def solve(mods: dict[str, QuantLinear], H: Tensor) -> None:
@@ -241,7 +242,16 @@ def gptq_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
             for n, q in zip(names, qws):
                 mods[n].freeze(q)
 
-    sequential_solve(model, calib, solve, "gptq", progress)
+    sequential_solve(model, calib, solve, "gptq", progress, attn_cache=attn_cache_option(cfg))
+
+
+def attn_cache_option(cfg: QuantConfig) -> bool:
+    """``attn_cache`` (true): keep the attention core between the sequential passes (:func:`sequential_solve`);
+    false saves its memory (one hidden-state tensor per calibration sample) at the cost of speed."""
+    v = cfg.extra.get("attn_cache", True)
+    if not isinstance(v, bool):
+        raise ValueError(f"attn_cache must be true or false, got {v!r}")
+    return v
 
 
 def options(cfg: QuantConfig) -> dict:

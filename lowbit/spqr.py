@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .gptq import _gptq_columns, check_spec, inverse_hessian_factor, sequential_solve
+from .gptq import _gptq_columns, attn_cache_option, check_spec, inverse_hessian_factor, sequential_solve
 from .granularity import PerGroup
 from .qmodules import QuantLinear
 from .quantize import register
@@ -147,4 +147,4 @@ def spqr_method(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | None =
             m.freeze(res.qw)
             m.set_outliers(res.idx, res.values)
 
-    sequential_solve(model, calib, solve, "spqr", progress)
+    sequential_solve(model, calib, solve, "spqr", progress, attn_cache=attn_cache_option(cfg))

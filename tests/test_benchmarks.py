@@ -326,3 +326,16 @@ def test_resumed_ptq_row_counts_its_restored_blocks():
     r = {"quant_wall_s": 10.0, "ptq_resume": [{"step": "gptq", "blocks_restored": 3, "seconds_restored": 25.0}]}
     assert report._quant_seconds(r) == 35.0 and report._quant_cell(r) == "35 (resumed: blocks summed)"
     assert report._quant_seconds({"quant_wall_s": 10.0}) == 10.0
+
+
+@needs_shared
+def test_engine_speed_runs_both_loops_and_checks_they_agree(tmp_path, monkeypatch):
+    import engine_speed
+
+    monkeypatch.setattr(sys, "argv", ["engine_speed.py", "--model", "stories260k", "--blocks", "2", "--nsamples", "3",
+                                      "--seqlen", "48", "--w-granularity", "g32", "--out", str(tmp_path)])
+    engine_speed.main()
+    rec = json.loads((tmp_path / "stories260k-gptq-2blocks.json").read_text())
+    assert rec["identical_outputs"] is True and rec["seconds_cache_on"] > 0 and rec["seconds_cache_off"] > 0
+    assert rec["calibration"] == "c4 3x48" and rec["commit"]
+    assert "engine_speed" in report.engine_section(tmp_path) and "2 | gptq" in report.engine_section(tmp_path)

@@ -115,20 +115,18 @@ def test_attention_cache_leaves_gptq_unchanged(arch, rotated, monkeypatch):
     """GPTQ with the attention cache (later groups and the block output replay o_proj(core)) gives the same
     model bit for bit as recomputing attention in every pass, on every architecture and with QuaRot's online
     rotations; the first replay checked itself against the real attention."""
-    import lowbit.gptq as G
     from lowbit import blockwise
     from lowbit.quantize import quantize_model
 
     calib = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(4))
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(6))
-    cfg = QuantConfig(weight=parse_spec("int3", "g32"), act=parse_spec("int8", "token") if rotated else None,
-                      method="quarot,gptq" if rotated else "gptq")
     caches, out = [], {}
-    real_init, solve = blockwise.AttentionCache.__init__, G.sequential_solve
+    real_init = blockwise.AttentionCache.__init__
     monkeypatch.setattr(blockwise.AttentionCache, "__init__", lambda self, *a: (real_init(self, *a),
                                                                                caches.append(self))[0])
-    for cache in (False, True):
-        monkeypatch.setattr(G, "sequential_solve", lambda *a, c=cache, **k: solve(*a, **k, attn_cache=c))
+    for cache in (False, True):  # --opt attn_cache=false / true (the default)
+        cfg = QuantConfig(weight=parse_spec("int3", "g32"), act=parse_spec("int8", "token") if rotated else None,
+                          method="quarot,gptq" if rotated else "gptq", extra={"attn_cache": cache})
         model = tiny_model(arch)
         quantize_model(model, cfg, calib=calib, progress=False)
         out[cache] = model(ids).logits

@@ -180,3 +180,14 @@ def test_static_groups_method_on_a_tiny_model():
                 for n, mod in m.model.layers.named_modules() if isinstance(mod, QuantLinear)]
         assert len(same) == len(W0)
         assert all(same) if static else not all(same)
+
+
+def test_attn_cache_option_is_checked():
+    from lowbit.config import QuantConfig
+    from lowbit.gptq import attn_cache_option
+
+    spec = parse_spec("int4", "g32")
+    assert attn_cache_option(QuantConfig(weight=spec, method="gptq")) is True
+    assert attn_cache_option(QuantConfig(weight=spec, method="gptq", extra={"attn_cache": False})) is False
+    with pytest.raises(ValueError, match="attn_cache must be true or false"):
+        attn_cache_option(QuantConfig(weight=spec, method="spqr", extra={"attn_cache": "no"}))
