@@ -129,7 +129,7 @@ def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes:
         method = label[:-len(setting) - 1] if label != setting else r["method"]
         cells = [setting, method, wdesc, adesc, _calib_cell(r), _f(r["bits"]["blocks_bits_per_param"], 3),
                  _f(r["bits"]["model_bits_per_param"], 3), *[_ppl_cell(r, d) for d in datasets],
-                 _f(r.get("quant_wall_s"), 1), _peak_cell(r)]
+                 _quant_cell(r) if r.get("ptq_resume") else _f(r.get("quant_wall_s"), 1), _peak_cell(r)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -215,7 +215,8 @@ def peers_section() -> str:
     from peers import paired
 
     allrows = _load(RES / "peers")
-    rows = [r for r in allrows if "implementation" in r]
+    rows = [r for r in allrows if "implementation" in r and r.get("comparison") != "gptq-solver"]
+    solver = sorted((r for r in allrows if r.get("comparison") == "gptq-solver"), key=lambda r: r["label"])
     if not rows:
         return "_no results yet_"
     out = ["| comparison | model | row | implementation | bits/param blocks | ppl (windows) | quant wall s |",
@@ -240,8 +241,20 @@ def peers_section() -> str:
                 "| model | row | implementation | fro^2 | l_0.7 |", "|---|---|---|---|---|"]
         out += [f"| {r['model']} | {r['label']} | {r['implementation']} | {r['recon']['fro_sq']:.6g} | "
                 f"{r['recon']['lp07']:.6g} |" for r in hq]
-    return ("\n".join(out) + f"\n\nProvenance: {provenance(rows)}.\n\n"
-            + _peers_verdict(pairs, [r for r in allrows if r.get("comparison") == "gptq-solver"]))
+    if solver:
+        out += ["", "GPTQ solver alone, one Linear at a time with the same weight W and Hessian H for both "
+                "(`lowbit.gptq.gptq` vs llm-compressor's `quantize_weight`): the layer objective "
+                "||(W - Q) X||^2 summed over the Linears, the Linears where lowbit's is lower or equal, the share "
+                "of identical quantized values, and each solver's own time.", "",
+                "| row | lowbit objective | peer objective | lowbit <= peer (layers) | same values | "
+                "solver s lowbit / peer |", "|---|---|---|---|---|---|"]
+        for r in solver:
+            m, t = r["metrics"], r.get("solver_wall_s", {})
+            out.append(f"| {r['label']} | {m['layer_loss_sum']['lowbit']:.6g} | {m['layer_loss_sum']['peer']:.6g} | "
+                       f"{m['layers_lowbit_better_or_equal']}/{m['layers']} | {m['same_values_mean'] * 100:.2f}% | "
+                       f"{_f(t.get('lowbit'), 2)} / {_f(t.get('peer'), 2)} |")
+    return ("\n".join(out) + f"\n\nProvenance: {provenance(rows + solver)}.\n\n"
+            + _peers_verdict(pairs, solver))
 
 
 def _peers_verdict(pairs: list[dict], solver: list[dict]) -> str:
@@ -846,6 +859,8 @@ def _peak_cell(r: dict) -> str:
     v = _peak(r)
     if v is None and r.get("peak_memory_mb"):  # the process's peak so far: an upper bound on this row's
         return f"≤ {r['peak_memory_mb']:.0f}"
+    if v is not None and any(st.get("blocks_restored") for st in r.get("ptq_resume") or []):
+        return f"≥ {v:.0f} (resumed)"  # only the last process's peak: the blocks it restored ran in another
     return _f(v, 0) if v is None or v < 1e4 else f"{v:.0f}"
 
 
@@ -886,7 +901,8 @@ def _quant_cell(r: dict) -> str:
     # sum only through that clock, not separable from this process's wall time
     unknown = any(0 < a < n for a, n in e2e)
     if r.get("ptq_resume"):
-        return _f(_quant_seconds(r), 0) + " (resumed: blocks summed)"
+        exact = all(st.get("seconds_exact", True) for st in r["ptq_resume"])
+        return ("" if exact else "≥ ") + _f(_quant_seconds(r), 0) + " (resumed: blocks summed)"
     return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: stages summed)" if partial else "")
 
 
@@ -1017,9 +1033,17 @@ def dfqat_smollm2_section() -> str:
                     f"{_cost(g_cpu):.0f} s, commit {str(g_cpu.get('commit', '?'))[:7]}): GPTQ's cost (Hessians, "
                     "Cholesky, column sweep) does not depend on the bit-width or the grouping. GPTQ runs before "
                     "commit f7b0a1c forwarded the whole block once per sequential group (q/k/v, o, gate/up, down); "
-                    "since then each group's forward stops at its Linears. The CPU GPTQ runs: " + ", ".join(
+                    "since then each group's forward stops at its Linears, and since commit a1e3bef the passes "
+                    "after o_proj replay the attention core instead of recomputing it (the attention cache, "
+                    "bit-identical codes). The CPU GPTQ runs: " + ", ".join(
                         f"`{r['label']}` {_cost(r):.0f} s (commit {str(r.get('commit', '?'))[:7]})"
                         for r in sorted(g_runs, key=_cost)) + ".")
+        old = _load(RES / "dfqat_smollm2_cpu" / "before_attn_cache")
+        if old:
+            verdict += (" Timed again with the cache, these replace the earlier runs of the same rows, kept in "
+                        "results/dfqat_smollm2_cpu/before_attn_cache: " + ", ".join(
+                            f"`{r['label']}` {_cost(r):.0f} s (commit {str(r.get('commit', '?'))[:7]})"
+                            for r in sorted(old, key=_cost)) + ".")
     ptab = ""
     if probes:
         rows = ["| probe | settings | tile 1 rel. MSE before -> after | PTB ppl (tuning set) | quant wall s |",

@@ -239,8 +239,12 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
         with active(BlockCheckpoint(Path(ckpt) / f"{k}-{step}", key_of(k, step))) as ck:
             get_algorithm(step)(model, cfg, calib=calib, progress=progress)
         if ck.restored:
+            done = ck.meta["blocks"][:ck.restored]
+            # a block's whole wall time; checkpoints written before it was recorded hold only the time of the
+            # method's own work on the block (a lower bound), said in the record
             resumed.append({"step": step, "blocks_restored": ck.restored,
-                            "seconds_restored": sum(b.get("wall_s", 0.0) for b in ck.meta["blocks"][:ck.restored])})
+                            "seconds_restored": sum(b.get("wall_s", b.get("seconds", 0.0)) for b in done),
+                            "seconds_exact": all("wall_s" in b for b in done)})
             log.info("%s: %d blocks restored from %s", step, ck.restored, ck.folder)
     if resumed:
         model.ptq_resume = resumed

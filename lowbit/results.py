@@ -23,9 +23,9 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        # result files and the generated report are data, not code: they do not make a run dirty
+        # result files and documents are data, not code: they do not make a run dirty
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!results", ":!BENCHMARKS.md"], cwd=root,
+                                ":!results", ":!*.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -326,6 +326,10 @@ def test_resumed_ptq_row_counts_its_restored_blocks():
     r = {"quant_wall_s": 10.0, "ptq_resume": [{"step": "gptq", "blocks_restored": 3, "seconds_restored": 25.0}]}
     assert report._quant_seconds(r) == 35.0 and report._quant_cell(r) == "35 (resumed: blocks summed)"
     assert report._quant_seconds({"quant_wall_s": 10.0}) == 10.0
+    r["ptq_resume"][0]["seconds_exact"] = False  # only the blocks' own work was kept: a lower bound
+    assert report._quant_cell(r) == "≥ 35 (resumed: blocks summed)"
+    r |= {"peak_memory_mb": 900.0, "peak_memory_scope": "row"}  # the restored blocks ran in another process
+    assert report._peak_cell(r) == "≥ 900 (resumed)"
 
 
 @needs_shared

@@ -103,6 +103,18 @@ def test_state_lists_blocks_with_error_and_time(tmp_path):
     assert all("self_attn.q_proj" in b["frozen"] for b in state["blocks"])
     assert sorted(p.name for p in (tmp_path / "0-gptq").iterdir()) == [
         "block-0.safetensors", "block-1.safetensors", "carry.safetensors", "state.json"]
+    again = tiny_model()  # a finished folder: the restored blocks' wall times are summed, exactly
+    quantize_model(again, _cfg("gptq"), calib=_calib(), progress=False, ckpt=tmp_path)
+    (res,) = again.ptq_resume
+    assert res["seconds_exact"] and res["seconds_restored"] == pytest.approx(sum(b["wall_s"] for b in state["blocks"]))
+    for b in state["blocks"]:  # a checkpoint written before block wall times were kept: a lower bound, said so
+        del b["wall_s"]
+    (tmp_path / "0-gptq" / "state.json").write_text(json.dumps(state))
+    old = tiny_model()
+    quantize_model(old, _cfg("gptq"), calib=_calib(), progress=False, ckpt=tmp_path)
+    (res,) = old.ptq_resume
+    assert not res["seconds_exact"]
+    assert res["seconds_restored"] == pytest.approx(sum(b["seconds"] for b in state["blocks"]))
 
 
 @needs_shared
