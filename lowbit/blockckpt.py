@@ -152,6 +152,20 @@ class BlockCheckpoint:
         return next(block.parameters()).device
 
 
+def check_folder(folder: str | Path, what: str = "--ckpt") -> Path:
+    """Create the checkpoint folder now (before any work) or fail in one line: a file in the way, no permission."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder: name a folder for the checkpoints")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be created ({e.strerror}): name a writable folder") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} is not writable: name a writable folder")
+    return path
+
+
 def run_key(cfg_dict: dict, fingerprint: str, calib: Tensor | None, step: str) -> str:
     """What a checkpoint must share with the run that resumes it."""
     from . import __version__

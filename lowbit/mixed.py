@@ -931,6 +931,32 @@ def block_pools(model: nn.Module, learners: dict[str, NoisyRows], opts: dict
     return pools
 
 
+def check_budget(model: nn.Module, learners: dict[str, NoisyRows], opts: dict, pool: tuple[float, int, int],
+                 name: str) -> None:
+    """Refuse, before any training, a budget that :func:`integer_bits` could not reach: every row at the
+    lowest width its range allows and, when pruning is allowed, units pruned until it fits (all of them at
+    worst; rows that write the residual stream have no gate and stay)."""
+    allowed = [c for c in opts["choices"] if c > 0]
+    ib = index_bits(opts["choices"])
+    target, params, fixed = pool
+    mods = dict(model.named_modules())
+    state = {}
+    for n, lr in learners.items():
+        R, C = mods[n].weight.shape
+        state[n] = {"bits": torch.full((R,), min(_levels(allowed, lr.lo, lr.hi)), dtype=torch.int64),
+                    "col_keep": None if lr.col_gates is None else torch.ones(C, dtype=torch.bool),
+                    "shape": (R, C), "ib": ib, "group": lr.group}
+    total = fixed + sum(mixed_storage_bits(st["bits"], st["col_keep"], st["shape"], ib, st["group"])["total"]
+                        for st in state.values())
+    if total > target * params and opts["mixed_prune"]:
+        total = _prune_units(state, learners, total, target * params)
+    if total > target * params:
+        low = min(int(st["bits"].max()) for st in state.values())
+        raise ValueError(f"a {name} budget of {target:g} bits/param is below what the lowest width "
+                         f"({low} bits) and the metadata can reach ({total / params:.3f}); raise it"
+                         + ("" if opts["mixed_prune"] else " or allow pruning (mixed_choices with 0)"))
+
+
 def _prune_units(state: dict, learners: dict[str, NoisyRows], total: float, budget: float) -> float:
     """Prune units (rows and columns of every member Linear) in increasing order of ``P(keep)`` until the
     stored size fits ``budget``; returns the new total."""
@@ -1038,6 +1064,12 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         embed = attach_embedding(model, opts)
         emb_choices = [c for c in opts["choices"] if c > 0]
         mods = dict(model.named_modules())
+        for pname, sub, pool in block_pools(model, learners, opts):  # an unreachable budget fails now, not later
+            if sub:
+                check_budget(model, sub, opts, pool, pname)
+        if embed:
+            check_budget(model, {embed[0]: embed[1]}, dict(opts, choices=emb_choices, mixed_prune=False),
+                         (float(opts["mixed_embed_target"]), mods[embed[0]].weight.numel(), 0), "embedding")
         float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *([embed[0]] if embed else [])]}
         ebudget = EmbedBudget(mods[embed[0]], opts, index_bits(emb_choices)) if embed else None
         budget = Penalty(block_budgets(model, opts, ib))
@@ -1173,6 +1205,6 @@ def bit_map_summary(model: nn.Module) -> dict:
 
 
 __all__ = ["DEFAULTS", "settings", "block_units", "UnitGates", "NoisyRows", "RowLSQ", "Budget", "block_budgets",
-           "Penalty", "block_pools", "attach_noise",
+           "Penalty", "block_pools", "attach_noise", "check_budget",
            "integer_bits", "freeze_mixed", "mixed_storage_bits", "pack_mixed", "unpack_mixed", "mixed_method",
            "bit_map_summary", "index_bits"]

@@ -205,6 +205,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib: torch.Tensor | Non
         need = [s for s in steps if get_algorithm(s).needs_data]
         raise ValueError(f"{', '.join(need)} needs calibration data: pass --calib c4 (or a text file, or 'self' "
                          "for text the model generates)")
+    for folder, what in ((ckpt, "--ckpt"), (cfg.extra.get("dfqat_ckpt"), "dfqat_ckpt")):
+        if folder:  # a bad folder fails now, not after the first block's work
+            from .blockckpt import check_folder
+
+            check_folder(folder, what)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     if cfg.weight is not None or cfg.act is not None:

@@ -79,6 +79,17 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, monkeypatch):
         quantize_model(tiny_model(seed=1), _cfg("gptq"), calib=calib, progress=False, ckpt=tmp_path)
 
 
+def test_a_file_or_unwritable_ckpt_path_fails_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        quantize_model(tiny_model(), _cfg("gptq"), calib=_calib(), progress=False, ckpt=tmp_path / "afile")
+    with pytest.raises(ValueError, match="cannot be created"):
+        quantize_model(tiny_model(), _cfg("gptq"), calib=_calib(), progress=False, ckpt=tmp_path / "afile" / "x")
+    cfg = QuantConfig(weight=parse_spec("int3", "g32"), method="dfqat", extra={"dfqat_ckpt": str(tmp_path / "afile")})
+    with pytest.raises(ValueError, match="dfqat_ckpt .* is a file"):
+        quantize_model(tiny_model(), cfg, calib=_calib(), progress=False)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     calib = _calib()
     with monkeypatch.context() as m:

@@ -355,9 +355,25 @@ def test_bad_settings(extra, msg):
         mx.settings(QuantConfig(weight=SPEC, method="mixed", extra=extra))
 
 
-def test_unreachable_budget_is_a_clear_error():
+@pytest.mark.parametrize("target,extra", [(1.5, {"mixed_prune": False}), (3.0, {"mixed_embed_target": 1.0})])
+def test_unreachable_budget_is_a_clear_error_before_training(target, extra, monkeypatch):
+    """Too small for the lowest width without pruning, or an embedding budget (rows never pruned) below the
+    2-bit minimum: refused before the first training step."""
+    import lowbit.dfqat as D
+
+    def trained(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(D, "_tiled_stage", trained)
+    monkeypatch.setattr(D, "_e2e_stage", trained)
     with pytest.raises(ValueError, match="below what the lowest width"):
-        _run(1.5, mixed_prune=False)
+        _run(target, **extra)
+    if target == 3.0:
+        return
+    monkeypatch.undo()  # the same budget is refused by the repair after training too (the check agrees with it)
+    monkeypatch.setattr(mx, "check_budget", lambda *a, **k: None)
+    with pytest.raises(ValueError, match="below what the lowest width"):
+        _run(target, **extra)
 
 
 def test_per_tensor_granularity_is_refused():
