@@ -997,7 +997,8 @@ def dfqat_smollm2_section() -> str:
         if scored:
             v, best = min(scored, key=lambda t: t[0])
             if best is not g:
-                name = best["label"] if best is cpu.get(best["label"]) else f"{best['method']}-{suffix}"
+                name = (best["label"] if best is cpu.get(best["label"]) or best is ptq_cpu.get(best["label"])
+                        else f"{best['method']}-{suffix}")
                 w += (f"; the best PTQ row of this setting is `{name}` ({_device_cell(best)}) at {v:.2f}: dfqat "
                       f"{'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
         fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
@@ -1040,10 +1041,15 @@ def dfqat_smollm2_section() -> str:
                         for r in sorted(g_runs, key=_cost)) + ".")
         old = _load(RES / "dfqat_smollm2_cpu" / "before_attn_cache")
         if old:
-            verdict += (" Timed again with the cache, these replace the earlier runs of the same rows, kept in "
-                        "results/dfqat_smollm2_cpu/before_attn_cache: " + ", ".join(
-                            f"`{r['label']}` {_cost(r):.0f} s (commit {str(r.get('commit', '?'))[:7]})"
-                            for r in sorted(old, key=_cost)) + ".")
+            same = all(r["metrics"][d].get("window_nlls") == cpu[r["label"]]["metrics"].get(d, {}).get("window_nlls")
+                       for r in old if r["label"] in cpu for d in r["metrics"])
+            verdict += (" Rows timed again with the cache replace their earlier runs"
+                        + (" (the same NLL on every window scored: the same codes)" if same else "") + ", "
+                        "kept in results/dfqat_smollm2_cpu/before_attn_cache: " + ", ".join(
+                            f"`{r['label']}` {_cost(r):.0f} s and {_peak_cell(r)} MiB at commit "
+                            f"{str(r.get('commit', '?'))[:7]}, now {_cost(cpu[r['label']]):.0f} s and "
+                            f"{_peak_cell(cpu[r['label']])} MiB" for r in sorted(old, key=_cost)
+                            if r["label"] in cpu) + " (the cache holds one hidden state per calibration sample).")
     ptab = ""
     if probes:
         rows = ["| probe | settings | tile 1 rel. MSE before -> after | PTB ppl (tuning set) | quant wall s |",
