@@ -948,8 +948,12 @@ def dfqat_smollm2_section() -> str:
         # and the baselines issue's best other post-training row of this setting, where it beats those
         pre = lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX) or float("inf")  # noqa: E731
         other = [x for k, x in ptq_cpu.items() if k.endswith("-" + suffix) and x["method"] not in ("awq", "fp")]
-        if other and pre(best_other := min(other, key=pre)) < min((pre(x) for x in ref if x), default=float("inf")):
-            ref.append(best_other)
+        # the best of the same size (within 2% of the dfqat row's bits) and, if better still, the best larger row
+        size = (cpu.get(f"dfqat-{suffix}") or mine[0])["bits"]["blocks_bits_per_param"] * 1.02
+        for group in ([x for x in other if x["bits"]["blocks_bits_per_param"] <= size], other):
+            if group and pre(best_other := min(group, key=pre)) < min((pre(x) for x in ref if x),
+                                                                       default=float("inf")):
+                ref.append(best_other)
         rows = ([gpu["fp"]] if "fp" in gpu and len(out) == 2 else []) + [r for r in ref if r] + mine
         for r in rows:
             is_cpu = r is cpu.get(r["label"])
@@ -994,13 +998,21 @@ def dfqat_smollm2_section() -> str:
         val = (lambda x: _full_ppl(x, "wikitext2")) if full else (
             lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX))
         scored = [(val(x), x) for x in ptq if val(x)]
-        if scored:
-            v, best = min(scored, key=lambda t: t[0])
+        bits = lambda x: x["bits"]["blocks_bits_per_param"]  # noqa: E731
+        name = lambda x: (x["label"] if x is cpu.get(x["label"]) or x is ptq_cpu.get(x["label"])  # noqa: E731
+                          else f"{x['method']}-{suffix}")
+        # the same size: a PTQ row that stores more bits (SpQR's fp16 outliers) is not the comparison, only named
+        same = [t for t in scored if bits(t[1]) <= bits(d) * 1.02]
+        if same:
+            v, best = min(same, key=lambda t: t[0])
             if best is not g:
-                name = (best["label"] if best is cpu.get(best["label"]) or best is ptq_cpu.get(best["label"])
-                        else f"{best['method']}-{suffix}")
-                w += (f"; the best PTQ row of this setting is `{name}` ({_device_cell(best)}) at {v:.2f}: dfqat "
-                      f"{'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
+                w += (f"; the best PTQ row of this setting and size is `{name(best)}` ({_device_cell(best)}) at "
+                      f"{v:.2f}: dfqat {'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
+        larger = [t for t in scored if bits(t[1]) > bits(d) * 1.02 and t[0] < a]
+        if larger:
+            v, big = min(larger, key=lambda t: t[0])
+            w += (f"; `{name(big)}` scores {v:.2f} but stores {bits(big):.2f} bits/param against dfqat's "
+                  f"{bits(d):.2f}")
         fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
             _ppl_prefix(gpu["fp"]["metrics"]["wikitext2"], PREFIX) if "fp" in gpu else None)
         if fp and a > 5 * fp:

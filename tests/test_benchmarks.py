@@ -343,3 +343,34 @@ def test_engine_speed_runs_both_loops_and_checks_they_agree(tmp_path, monkeypatc
     assert rec["identical_outputs"] is True and rec["seconds_cache_on"] > 0 and rec["seconds_cache_off"] > 0
     assert rec["calibration"] == "c4 3x48" and rec["commit"]
     assert "engine_speed" in report.engine_section(tmp_path) and "2 | gptq" in report.engine_section(tmp_path)
+
+
+def test_dfqat_verdict_compares_ptq_rows_of_the_same_size_and_only_names_larger_ones(tmp_path, monkeypatch):
+    """SpQR's fp16 outliers make its row larger than dfqat's: it is named with its size, never called the best
+    post-training row of the setting; the best row of the same size is the comparison and is in the table."""
+    res = tmp_path / "results"
+    for d in ("dfqat_smollm2_cpu", "ptq_smollm2_cpu"):
+        (res / d).mkdir(parents=True)
+
+    def record(label, method, bits, nll):
+        nlls = [nll] * 40
+        return {"label": label, "method": method, "config": {"weight": {"format": "int4"}, "extra": {}},
+                "bits": {"blocks_bits_per_param": bits, "model_bits_per_param": bits + 2},
+                "metrics": {"wikitext2": {"ppl": math.exp(nll), "windows": 40, "windows_total": 148,
+                                          "window_nlls": nlls}},
+                "device": "cpu (x86_64, 1 threads)", "command": f"benchmarks/ptq_grid.py --only {label}",
+                "quant_wall_s": 100.0, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0,
+                "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048}}
+
+    (res / "dfqat_smollm2_cpu" / "dfqat-w4-g128.json").write_text(json.dumps(record("dfqat-w4-g128", "dfqat", 4.17, 3.2)))
+    (res / "dfqat_smollm2_cpu" / "gptq-c4-w4-g128.json").write_text(json.dumps(record("gptq-c4-w4-g128", "gptq", 4.17, 3.4)))
+    (res / "ptq_smollm2_cpu" / "quarot+gptq-w4-g128.json").write_text(json.dumps(
+        record("quarot+gptq-w4-g128", "quarot,gptq", 4.17, 3.25)))
+    (res / "ptq_smollm2_cpu" / "spqr-w4-g128.json").write_text(json.dumps(record("spqr-w4-g128", "spqr", 4.65, 3.1)))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.dfqat_smollm2_section()
+    verdict = next(line for line in text.splitlines() if line.startswith("- w4-g128: dfqat"))
+    assert (f"the best PTQ row of this setting and size is `quarot+gptq-w4-g128` (CPU, 1 thread) at "
+            f"{math.exp(3.25):.2f}: dfqat better" in verdict)
+    assert f"`spqr-w4-g128` scores {math.exp(3.1):.2f} but stores 4.65 bits/param against dfqat's 4.17" in verdict
+    assert "| quarot+gptq-w4-g128 |" in text and "| spqr-w4-g128 |" in text
