@@ -906,6 +906,11 @@ def _quant_cell(r: dict) -> str:
     return _f(_quant_seconds(r), 0) + (" (≥, resumed)" if unknown else " (resumed: stages summed)" if partial else "")
 
 
+def _not_larger(r: dict, ref: dict) -> bool:
+    """``r`` stores at most ``ref``'s bits per parameter (2% slack: ragged groups and metadata differ slightly)."""
+    return r["bits"]["blocks_bits_per_param"] <= ref["bits"]["blocks_bits_per_param"] * 1.02
+
+
 def _cost(r: dict) -> float:
     return _quant_seconds(r) + _data_seconds(r)
 
@@ -949,8 +954,8 @@ def dfqat_smollm2_section() -> str:
         pre = lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX) or float("inf")  # noqa: E731
         other = [x for k, x in ptq_cpu.items() if k.endswith("-" + suffix) and x["method"] not in ("awq", "fp")]
         # the best of the same size (within 2% of the dfqat row's bits) and, if better still, the best larger row
-        size = (cpu.get(f"dfqat-{suffix}") or mine[0])["bits"]["blocks_bits_per_param"] * 1.02
-        for group in ([x for x in other if x["bits"]["blocks_bits_per_param"] <= size], other):
+        ref_size = cpu.get(f"dfqat-{suffix}") or mine[0]
+        for group in ([x for x in other if _not_larger(x, ref_size)], other):
             if group and pre(best_other := min(group, key=pre)) < min((pre(x) for x in ref if x),
                                                                        default=float("inf")):
                 ref.append(best_other)
@@ -1002,13 +1007,13 @@ def dfqat_smollm2_section() -> str:
         name = lambda x: (x["label"] if x is cpu.get(x["label"]) or x is ptq_cpu.get(x["label"])  # noqa: E731
                           else f"{x['method']}-{suffix}")
         # the same size: a PTQ row that stores more bits (SpQR's fp16 outliers) is not the comparison, only named
-        same = [t for t in scored if bits(t[1]) <= bits(d) * 1.02]
+        same = [t for t in scored if _not_larger(t[1], d)]
         if same:
             v, best = min(same, key=lambda t: t[0])
             if best is not g:
                 w += (f"; the best PTQ row of this setting and size is `{name(best)}` ({_device_cell(best)}) at "
                       f"{v:.2f}: dfqat {'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
-        larger = [t for t in scored if bits(t[1]) > bits(d) * 1.02 and t[0] < a]
+        larger = [t for t in scored if not _not_larger(t[1], d) and t[0] < a]
         if larger:
             v, big = min(larger, key=lambda t: t[0])
             w += (f"; `{name(big)}` scores {v:.2f} but stores {bits(big):.2f} bits/param against dfqat's "
@@ -1053,10 +1058,10 @@ def dfqat_smollm2_section() -> str:
                         for r in sorted(g_runs, key=_cost)) + ".")
         old = _load(RES / "dfqat_smollm2_cpu" / "before_attn_cache")
         if old:
-            same = all(r["metrics"][d].get("window_nlls") == cpu[r["label"]]["metrics"].get(d, {}).get("window_nlls")
+            identical = all(r["metrics"][d].get("window_nlls") == cpu[r["label"]]["metrics"].get(d, {}).get("window_nlls")
                        for r in old if r["label"] in cpu for d in r["metrics"])
             verdict += (" Rows timed again with the cache replace their earlier runs"
-                        + (" (the same NLL on every window scored: the same codes)" if same else "") + ", "
+                        + (" (the same NLL on every window scored: the same codes)" if identical else "") + ", "
                         "kept in results/dfqat_smollm2_cpu/before_attn_cache: " + ", ".join(
                             f"`{r['label']}` {_cost(r):.0f} s and {_peak_cell(r)} MiB at commit "
                             f"{str(r.get('commit', '?'))[:7]}, now {_cost(cpu[r['label']]):.0f} s and "
