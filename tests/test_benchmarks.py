@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import needs_shared
 
@@ -374,3 +375,39 @@ def test_dfqat_verdict_compares_ptq_rows_of_the_same_size_and_only_names_larger_
             f"{math.exp(3.25):.2f}: dfqat better" in verdict)
     assert f"`spqr-w4-g128` scores {math.exp(3.1):.2f} but stores 4.65 bits/param against dfqat's 4.17" in verdict
     assert "| quarot+gptq-w4-g128 |" in text and "| spqr-w4-g128 |" in text
+    assert "ran twice" not in text
+    # an earlier run of the dfqat row, same settings and seed, 6% worse: the 4.9% gap to QuaRot+GPTQ is a tie, and
+    # the spread is reported; a superseded run with other settings is not a rerun
+    (res / "dfqat_smollm2_cpu" / "superseded").mkdir()
+    old = record("dfqat-w4-g128", "dfqat", 4.17, 3.2 + math.log(1.06)) | {"commit": "old"}
+    (res / "dfqat_smollm2_cpu" / "superseded" / "a.json").write_text(json.dumps(old))
+    other = record("dfqat-w4-g128", "dfqat", 4.17, 3.0)
+    other["config"]["extra"] = {"dfqat_lr": 1e-3}
+    (res / "dfqat_smollm2_cpu" / "superseded" / "b.json").write_text(json.dumps(other))
+    text = report.dfqat_smollm2_section()
+    verdict = next(line for line in text.splitlines() if line.startswith("- w4-g128: dfqat"))
+    assert "(less than the 5.7% between two runs of `dfqat-w4-g128` below: a tie)" in verdict
+    assert text.count("ran twice") == 1 and "(commits old and abc)" in text
+
+
+def test_gptq_probe_measures_gptq_below_rtn_on_its_own_objective(tmp_path, monkeypatch):
+    import gptq_probe
+
+    monkeypatch.setattr(sys, "argv", ["gptq_probe.py", "--model", "stories260k", "--layers", "0,4", "--specs",
+                                      "int3:channel", "--calib", "tinystories", "--nsamples", "4", "--heldout-data",
+                                      "tinystories", "--heldout", "2", "--seqlen", "128", "--out", str(tmp_path)])
+    gptq_probe.main()
+    rec = json.loads((tmp_path / "stories260k-int3-channel.json").read_text())
+    assert len(rec["rows"]) == 2 * 7 and rec["commit"] and rec["seed"] == 0
+    # GPTQ minimises the calibration objective: below RTN's on (the geometric mean of) every probed Linear
+    assert rec["gptq_over_rtn_geomean"]["gptq"]["calib"] < 1
+    assert all(0 <= v["exact_fraction"] <= 1 and v["rel_mse"] > 0 for v in rec["lattice"].values())
+    assert "gptq_probe.py" in report.gptq_probe_section(tmp_path)
+    # the bulk objective with every channel kept is the whole objective
+    W, E = torch.randn(5, 8), torch.randn(5, 8) * 0.1
+    X = torch.randn(100, 8)
+    H = X.T.double() @ X.double()
+    assert gptq_probe.rel_objective(E, W, H, torch.ones(8, dtype=torch.bool)) == pytest.approx(
+        gptq_probe.rel_objective(E, W, H))
+    assert gptq_probe.rel_objective(E, W, H) == pytest.approx(((E @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()).item(),
+                                                              rel=1e-5)
