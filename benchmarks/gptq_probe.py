@@ -140,7 +140,7 @@ def main() -> None:
                         if kw is None:
                             Q = fake_quantize(W, spec)
                         else:
-                            qw = gptq(W, Hc[key].float(), spec, **kw)
+                            qw = gptq(W, Hc[key], spec, **kw)
                             Q = dequantize(qw.codes, qw.qparams, spec).reshape(W.shape)
                         E = W - Q
                         row[solver] = {"calib": rel_objective(E, W, Hc[key]), "heldout": rel_objective(E, W, Ht[key]),

@@ -215,7 +215,7 @@ def gptq_probe_section(folder: Path | None = None) -> str:
     rows = _load(folder or RES / "gptq_probe")
     if not rows:
         return "_no results yet_"
-    solvers = [s for s in rows[0]["gptq_over_rtn_geomean"]]
+    solvers = list(rows[0]["gptq_over_rtn_geomean"])
     out = ["| spec | layer | massive inputs | " + " | ".join(
         f"{s}: calib / held-out / held-out bulk" for s in ["rtn", *solvers]) + " |", "|" + "---|" * (3 + 1 + len(solvers))]
     for r in rows:
@@ -977,7 +977,7 @@ def _rerun_pairs(cpu: dict[str, dict]) -> list[tuple[dict, dict]]:
         return {k: v for k, v in c["extra"].items() if k != "dfqat_ckpt"} | {k: v for k, v in c.items() if k != "extra"}
 
     pairs = []
-    for old in _load(RES / "dfqat_smollm2_cpu" / "superseded"):
+    for old in _load(RES / SMOL_DFQAT / "superseded"):
         new = cpu.get(old["label"])
         if (new is not None and strip(old["config"]) == strip(new["config"]) and old.get("seed") == new.get("seed")
                 and all(_ppl_prefix(r["metrics"]["wikitext2"], PREFIX) for r in (old, new))):
@@ -990,11 +990,11 @@ def _spread(old: dict, new: dict) -> float:
     return abs(a / b - 1) * 100
 
 
-def _rerun_spread(cpu: dict[str, dict]) -> str:
-    """Both scores of each rerun row on the first windows, and the first training step where their losses part
-    (float arithmetic, not settings)."""
+def _rerun_spread(pairs: list[tuple[dict, dict]]) -> str:
+    """Both scores of each rerun row (:func:`_rerun_pairs`) on the first windows, and the first training step where
+    their losses part (float arithmetic, not settings)."""
     words = []
-    for old, new in _rerun_pairs(cpu):
+    for old, new in pairs:
         vals = [(r, _ppl_prefix(r["metrics"]["wikitext2"], PREFIX), _ppl_prefix(r["metrics"].get("c4", {}), PREFIX))
                 for r in (old, new)]
         la = [x for t in old.get("dfqat_report", {}).get("tiles", []) for x in t["losses"]]
@@ -1037,6 +1037,7 @@ def dfqat_smollm2_section() -> str:
     # setting's time ratio uses one reference: the fastest CPU GPTQ run (the conservative choice for dfqat)
     g_runs = [r for k, r in cpu.items() if k.startswith("gptq-c4-")]
     g_cpu = min(g_runs, key=_cost) if g_runs else None
+    reruns = _rerun_pairs(cpu)
     for suffix, rtn_label in SMOL_SETTINGS.items():
         mine = [cpu[lab] for lab in grid if (lab.endswith(suffix) or lab in SMOL_SAME_SIZE.get(suffix, []))
                 and lab in cpu]
@@ -1110,7 +1111,7 @@ def dfqat_smollm2_section() -> str:
             if best is not g:
                 w += (f"; the best PTQ row of this setting and size is `{name(best)}` ({_device_cell(best)}) at "
                       f"{v:.2f}: dfqat {'better' if a < v else 'worse'} by {abs(a / v - 1) * 100:.1f}%")
-                sp = next((_spread(o, n) for o, n in _rerun_pairs(cpu) if n is d), None)
+                sp = next((_spread(o, n) for o, n in reruns if n is d), None)
                 if sp and abs(a / v - 1) * 100 < sp:
                     w += f" (less than the {sp:.1f}% between two runs of `{d['label']}` below: a tie)"
         larger = [t for t in scored if not _not_larger(t[1], d) and t[0] < a]
@@ -1167,9 +1168,8 @@ def dfqat_smollm2_section() -> str:
                             f"{str(r.get('commit', '?'))[:7]}, now {_cost(cpu[r['label']]):.0f} s and "
                             f"{_peak_cell(cpu[r['label']])} MiB" for r in sorted(old, key=_cost)
                             if r["label"] in cpu) + " (the cache holds one hidden state per calibration sample).")
-    reruns = _rerun_spread(cpu)
     if reruns:
-        verdict += "\n\n" + reruns
+        verdict += "\n\n" + _rerun_spread(reruns)
     ptab = ""
     if probes:
         rows = ["| probe | settings | tile 1 rel. MSE before -> after | PTB ppl (tuning set) | quant wall s |",

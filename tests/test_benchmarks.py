@@ -390,6 +390,7 @@ def test_dfqat_verdict_compares_ptq_rows_of_the_same_size_and_only_names_larger_
     assert text.count("ran twice") == 1 and "(commits old and abc)" in text
 
 
+@needs_shared
 def test_gptq_probe_measures_gptq_below_rtn_on_its_own_objective(tmp_path, monkeypatch):
     import gptq_probe
 
