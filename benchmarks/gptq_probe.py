@@ -11,6 +11,10 @@ act-order), the relative objective ``tr(E H E^T) / tr(W H W^T)``
   the error that reaches the bulk of the input channels, where a few huge, nearly constant activations do not
   dominate the sum.
 
+SpQR (GPTQ with ``--outlier-frac`` of each layer's weights kept in fp16) is probed too, with where its outliers fall:
+the share of them on the massive input channels against the share of the weights those channels hold (does a
+sparse fp16 part help on this model because it catches the massive channels' weights?).
+
 It also checks the other suspect, the checkpoint's origin (its weights lie on an asymmetric 4-bit g32 grid): the
 fraction of weights that RTN at the probed spec reproduces exactly, and RTN's relative weight error on the
 weights as stored and after a uniform dither of half a g32 step that takes them off that grid.
@@ -33,8 +37,9 @@ from lowbit.gptq import accumulate_hessian, gptq
 from lowbit.models import arch_of, blocks, load_model, model_name
 from lowbit.quantizer import dequantize, fake_quantize
 from lowbit.results import run_metadata, write_json
+from lowbit.spqr import spqr
 
-SOLVERS = {"rtn": None, "gptq": {"act_order": True}, "gptq-noact": {"act_order": False}}
+SOLVERS = {"rtn": None, "gptq": {"act_order": True}, "gptq-noact": {"act_order": False}, "spqr": {"act_order": True}}
 
 
 def hessians(model: nn.Module, ids: Tensor, layers: list[int]) -> dict[str, Tensor]:
@@ -103,6 +108,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=4, help="windows of it for the held-out Hessian")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--massive", type=float, default=20.0, help="an input channel is massive above this x median H_ii")
+    ap.add_argument("--outlier-frac", type=float, default=0.01, help="SpQR: share of each layer's weights kept in fp16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/gptq_probe")
     args = ap.parse_args()
@@ -139,6 +145,12 @@ def main() -> None:
                     for solver, kw in SOLVERS.items():
                         if kw is None:
                             Q = fake_quantize(W, spec)
+                        elif solver == "spqr":
+                            sw = spqr(W, Hc[key], spec, outlier_frac=args.outlier_frac, **kw)
+                            Q = sw.dequantize().reshape(W.shape)
+                            cols = sw.idx.long() % W.shape[1]
+                            row["spqr_outliers"] = {"count": cols.numel(), "on_massive": int((~keep[cols]).sum()),
+                                                    "massive_weight_share": (~keep).float().mean().item()}
                         else:
                             qw = gptq(W, Hc[key], spec, **kw)
                             Q = dequantize(qw.codes, qw.qparams, spec).reshape(W.shape)
@@ -157,7 +169,7 @@ def main() -> None:
         rec = {"model": model_name(args.model), "spec": spec.describe(), "layers": layers,
                "calibration": f"{args.calib} {args.nsamples}x{args.seqlen}",
                "heldout": f"{args.heldout_data} first {args.heldout} windows",
-               "massive_threshold": args.massive, "rows": rows, "gptq_over_rtn_geomean": summary,
+               "massive_threshold": args.massive, "outlier_frac": args.outlier_frac, "rows": rows, "gptq_over_rtn_geomean": summary,
                "lattice": lattice_check(model, spec, args.seed), "seed": args.seed,
                "threads": torch.get_num_threads(), "hessian_s": hessian_s, "probe_s": time.time() - t1, **meta}
         path = write_json(f"{args.out}/{rec['model']}-{fmt}-{gran}.json", rec)

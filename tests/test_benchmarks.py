@@ -178,6 +178,18 @@ def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, m
     assert "Goal 2" not in full and "**not met**" not in full
     assert "Not compared on the full split: int3 (its best uniform row on the prefix, dfqat-w3-channel" in full
     assert "--only mixed-2.5 --extend" in text
+    assert "Against uniform rows with a scale per group" not in text  # no issue-4 grouped rows yet
+    # grouped uniform rows of the issue-4 run: the nearest size below and above each budget, the best method there
+    dfq_dir = res / "dfqat_smollm2_cpu"
+    dfq_dir.mkdir()
+    for label, method, bits, nll in (("dfqat-w2-g64", "dfqat", 2.29, 5.0), ("gptq-c4-w3-g128", "gptq", 3.17, 2.4),
+                                     ("dfqat-w3-g128", "dfqat", 3.17, 2.2), ("dfqat-w4-g128", "dfqat", 4.17, 1.0)):
+        (dfq_dir / f"{label}.json").write_text(json.dumps(record(label, method, bits, [nll] * 40, "cpu (x86_64, 1 threads)")))
+    near = report.mixed_smollm2_section().split("Against uniform rows with a scale per group")[1]
+    assert f"`mixed-2.5` (2.500 bits/param) {math.exp(3.0):.2f} vs `dfqat-w2-g64` (2.290 bits/param, smaller)" in near
+    assert f"`mixed-3.0` (3.000 bits/param) {math.exp(2.0):.2f} vs `dfqat-w3-g128` (3.170 bits/param, larger) " \
+           f"{math.exp(2.2):.2f}: **mixed better**" in near
+    assert "gptq-c4-w3-g128" not in near and "dfqat-w4-g128" not in near  # worse at its size; not a neighbour
 
 
 def test_resumed_rows_count_the_tiles_an_earlier_process_trained():
@@ -390,6 +402,39 @@ def test_dfqat_verdict_compares_ptq_rows_of_the_same_size_and_only_names_larger_
     assert text.count("ran twice") == 1 and "(commits old and abc)" in text
 
 
+def test_dfqat_verdict_on_the_full_split_still_names_the_prefix_only_ptq_rows(tmp_path, monkeypatch):
+    """dfqat and GPTQ scored on the whole split set the basis; the PTQ rows scored on the first windows only are
+    then compared on those windows, after it (same size: the comparison; larger: named with its size)."""
+    res = tmp_path / "results"
+    for d in ("dfqat_smollm2_cpu", "ptq_smollm2_cpu"):
+        (res / d).mkdir(parents=True)
+
+    def record(label, method, bits, nll, full_nll=None):
+        nlls = [nll] * 40 + ([full_nll] * 108 if full_nll else [])
+        return {"label": label, "method": method, "config": {"weight": {"format": "int3"}, "extra": {}},
+                "bits": {"blocks_bits_per_param": bits, "model_bits_per_param": bits + 2},
+                "metrics": {"wikitext2": {"ppl": math.exp(sum(nlls) / len(nlls)), "windows": len(nlls),
+                                          "windows_total": 148, "window_nlls": nlls}},
+                "device": "cpu (x86_64, 1 threads)", "command": f"benchmarks/ptq_grid.py --only {label}",
+                "quant_wall_s": 100.0, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0,
+                "calibration": {"source": "c4", "nsamples": 128, "seqlen": 2048}}
+
+    rows = {"dfqat_smollm2_cpu": [record("dfqat-w3-channel", "dfqat", 3.03, 4.0, 4.1),
+                                  record("gptq-c4-w3-channel", "gptq", 3.03, 4.8, 4.9)],
+            "ptq_smollm2_cpu": [record("quarot+gptq-w3-channel", "quarot,gptq", 3.03, 4.3),
+                                record("spqr-w3-channel", "spqr", 3.51, 3.8)]}
+    for d, rs in rows.items():
+        for r in rs:
+            (res / d / f"{r['label']}.json").write_text(json.dumps(r))
+    monkeypatch.setattr(report, "RES", res)
+    verdict = next(line for line in report.dfqat_smollm2_section().splitlines() if line.startswith("- w3-channel: dfqat"))
+    full, pre = verdict.split("on the first 40 windows (rows scored there only)")
+    assert "full WikiText-2 test split" in full and "quarot" not in full and "spqr" not in full
+    assert pre.startswith(f", dfqat {math.exp(4.0):.2f}; the best PTQ row of this setting and size is "
+                          f"`quarot+gptq-w3-channel` (CPU, 1 thread) at {math.exp(4.3):.2f}: dfqat better")
+    assert f"`spqr-w3-channel` scores {math.exp(3.8):.2f} but stores 3.51 bits/param against dfqat's 3.03" in pre
+
+
 @needs_shared
 def test_gptq_probe_measures_gptq_below_rtn_on_its_own_objective(tmp_path, monkeypatch):
     import gptq_probe
@@ -402,6 +447,11 @@ def test_gptq_probe_measures_gptq_below_rtn_on_its_own_objective(tmp_path, monke
     assert len(rec["rows"]) == 2 * 7 and rec["commit"] and rec["seed"] == 0
     # GPTQ minimises the calibration objective: below RTN's on (the geometric mean of) every probed Linear
     assert rec["gptq_over_rtn_geomean"]["gptq"]["calib"] < 1
+    # SpQR keeps 1% of each Linear in fp16 on top of GPTQ: never worse than GPTQ on the objective it solves
+    assert rec["gptq_over_rtn_geomean"]["spqr"]["calib"] < rec["gptq_over_rtn_geomean"]["gptq"]["calib"]
+    for x in rec["rows"]:
+        o = x["spqr_outliers"]
+        assert 0 <= o["on_massive"] <= o["count"] > 0 and 0 <= o["massive_weight_share"] < 1
     assert all(0 <= v["exact_fraction"] <= 1 and v["rel_mse"] > 0 for v in rec["lattice"].values())
     assert "gptq_probe.py" in report.gptq_probe_section(tmp_path)
     # the bulk objective with every channel kept is the whole objective
