@@ -676,8 +676,7 @@ def _mixed_vs_grouped(by: dict, grouped: list[dict], ppl) -> str:
         m = min(cands, key=ppl)
         mb = m["bits"]["blocks_bits_per_param"]
         sizes = sorted({round(r["bits"]["blocks_bits_per_param"], 3) for r in grouped if ppl(r)})
-        picks = [x for x in ([b for b in sizes if b <= mb][-1:] + [b for b in sizes if b > mb][:1])]
-        for b in picks:
+        for b in [b for b in sizes if b <= mb][-1:] + [b for b in sizes if b > mb][:1]:  # nearest below, above
             u = min((r for r in grouped if round(r["bits"]["blocks_bits_per_param"], 3) == b and ppl(r)), key=ppl)
             full_m, full_u = _full_ppl(m, "wikitext2"), _full_ppl(u, "wikitext2")
             both = (f"; full split {full_m:.2f} vs {full_u:.2f}" if full_m and full_u else "")
