@@ -112,6 +112,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/gptq_probe")
     args = ap.parse_args()
+    specs = []  # checked before the model loads and the Hessians take minutes
+    for text in args.specs.split(","):
+        fmt, _, gran = text.partition(":")
+        gran = gran or "channel"  # parse_spec's default, named for the record's file
+        try:
+            specs.append((fmt, gran, parse_spec(fmt, gran)))
+        except ValueError as e:
+            raise SystemExit(f"--specs {text!r}: {e} (write format:granularity, e.g. int4:g128)") from None
+    if not 0 <= args.outlier_frac < 1:
+        raise SystemExit(f"--outlier-frac {args.outlier_frac}: must lie in [0, 1), e.g. 0.01")
     meta = run_metadata()
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -128,10 +138,8 @@ def main() -> None:
     Hc, Ht = hessians(model, calib, layers), hessians(model, held, layers)
     hessian_s = time.time() - t0
     arch = arch_of(model)
-    for text in args.specs.split(","):
+    for fmt, gran, spec in specs:
         t1 = time.time()
-        fmt, gran = text.split(":")
-        spec = parse_spec(fmt, gran)
         rows = []
         for i in layers:
             for group in arch.sequential:

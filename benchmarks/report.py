@@ -35,6 +35,11 @@ def _ppl_prefix(m: dict, n: int) -> float | None:
     return math.exp(sum(nl[:n]) / n) if len(nl) >= n else None
 
 
+def _wt_prefix(r: dict) -> float | None:
+    """A SmolLM2 row's WikiText-2 perplexity on the first PREFIX windows (None if it has fewer)."""
+    return _ppl_prefix(r["metrics"].get("wikitext2", {}), PREFIX)
+
+
 def _f(v, nd=2) -> str:
     if v is None:
         return "–"
@@ -715,9 +720,7 @@ def mixed_smollm2_section() -> str:
     for r in _load(RES / SMOL_MIXED / "before_clip"):
         by[f"{r['label']}-noclip"] = dict(r, label=f"{r['label']}-noclip")
 
-    def ppl(r: dict) -> float | None:
-        return _ppl_prefix(r["metrics"].get("wikitext2", {}), PREFIX)
-
+    ppl = _wt_prefix
     order = sorted(by, key=lambda k: (k != "fp", by[k]["bits"]["blocks_bits_per_param"] if k != "fp" else 0, k))
     head = ["row", "method", "training / calibration data", "device", "bits/param blocks", "bits/param model",
             "wikitext2 ppl (full)", f"wikitext2 ppl, first {PREFIX}", f"c4 ppl, first {PREFIX}", "quant wall s",
@@ -1018,13 +1021,13 @@ def _rerun_pairs(cpu: dict[str, dict]) -> list[tuple[dict, dict]]:
     for old in _load(RES / SMOL_DFQAT / "superseded"):
         new = cpu.get(old["label"])
         if (new is not None and strip(old["config"]) == strip(new["config"]) and old.get("seed") == new.get("seed")
-                and all(_ppl_prefix(r["metrics"]["wikitext2"], PREFIX) for r in (old, new))):
+                and all(_wt_prefix(r) for r in (old, new))):
             pairs.append((old, new))
     return pairs
 
 
 def _spread(old: dict, new: dict) -> float:
-    a, b = (_ppl_prefix(r["metrics"]["wikitext2"], PREFIX) for r in (new, old))
+    a, b = (_wt_prefix(r) for r in (new, old))
     return abs(a / b - 1) * 100
 
 
@@ -1033,7 +1036,7 @@ def _rerun_spread(pairs: list[tuple[dict, dict]]) -> str:
     their losses part (float arithmetic, not settings)."""
     words = []
     for old, new in pairs:
-        vals = [(r, _ppl_prefix(r["metrics"]["wikitext2"], PREFIX), _ppl_prefix(r["metrics"].get("c4", {}), PREFIX))
+        vals = [(r, _wt_prefix(r), _ppl_prefix(r["metrics"].get("c4", {}), PREFIX))
                 for r in (old, new)]
         la = [x for t in old.get("dfqat_report", {}).get("tiles", []) for x in t["losses"]]
         lb = [x for t in new.get("dfqat_report", {}).get("tiles", []) for x in t["losses"]]
@@ -1084,7 +1087,7 @@ def dfqat_smollm2_section() -> str:
         ref = [gpu.get(f"rtn-{suffix}") or rtn.get(rtn_label), gpu.get(f"gptq-{suffix}"),
                gpu.get(f"gptq-noact-{suffix}"), gpu.get(f"awq-{suffix}") or ptq_cpu.get(f"awq-{suffix}")]
         # and the baselines issue's best other post-training row of this setting, where it beats those
-        pre = lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX) or float("inf")  # noqa: E731
+        pre = lambda x: _wt_prefix(x) or float("inf")  # noqa: E731
         other = [x for k, x in ptq_cpu.items() if k.endswith("-" + suffix) and x["method"] not in ("awq", "fp")]
         # the best of the same size (within 2% of the dfqat row's bits) and, if better still, the best larger row
         ref_size = cpu.get(f"dfqat-{suffix}") or mine[0]
@@ -1117,14 +1120,14 @@ def dfqat_smollm2_section() -> str:
         # weaker GPTQ variant just because it was scored on more windows
         cands = cands[:1]
         full = [x for x in cands if _full_ppl(x, "wikitext2")] if _full_ppl(d, "wikitext2") else []
-        pre = [x for x in cands if _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)]
-        a_pre = _ppl_prefix(d["metrics"].get("wikitext2", {}), PREFIX)
+        pre = [x for x in cands if _wt_prefix(x)]
+        a_pre = _wt_prefix(d)
         if full:
             g = full[0]
             a, b, how = _full_ppl(d, "wikitext2"), _full_ppl(g, "wikitext2"), "full WikiText-2 test split"
         elif a_pre and (pre or not cands):  # no GPTQ row at all: compare with the PTQ rows there are
             g = pre[0] if pre else None
-            a, b = a_pre, _ppl_prefix(g["metrics"]["wikitext2"], PREFIX) if g else None
+            a, b = a_pre, _wt_prefix(g) if g else None
             how = f"first {PREFIX} WikiText-2 windows"
         else:
             continue
@@ -1140,11 +1143,10 @@ def dfqat_smollm2_section() -> str:
         bits = lambda x: x["bits"]["blocks_bits_per_param"]  # noqa: E731
         name = lambda x: (x["label"] if x is cpu.get(x["label"]) or x is ptq_cpu.get(x["label"])  # noqa: E731
                           else f"{x['method']}-{suffix}")
-        pre_val = lambda x: _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)  # noqa: E731
-        bases = [((lambda x: _full_ppl(x, "wikitext2")), a, ptq, "")] if full else [(pre_val, a, ptq, "")]
+        bases = [((lambda x: _full_ppl(x, "wikitext2")), a, ptq, "")] if full else [(_wt_prefix, a, ptq, "")]
         if full and a_pre:
             # (GPTQ itself already set the basis: the other methods only)
-            bases.append((pre_val, a_pre, [x for x in ptq if not _full_ppl(x, "wikitext2") and x["method"] != "gptq"],
+            bases.append((_wt_prefix, a_pre, [x for x in ptq if not _full_ppl(x, "wikitext2") and x["method"] != "gptq"],
                           f"; on the first {PREFIX} windows (rows scored there only), dfqat {a_pre:.2f}"))
         for val, av, pool, lead in bases:
             scored = [(val(x), x) for x in pool if val(x)]
@@ -1177,14 +1179,14 @@ def dfqat_smollm2_section() -> str:
         stages = [(name, cpu.get(lab)) for name, lab in (("tiled only", f"dfqat-tiled-{suffix}"),
                                                          ("end-to-end only", f"dfqat-e2e-{suffix}"),
                                                          ("tiled + end-to-end", f"dfqat-{suffix}"))]
-        stages = [(name, x, _ppl_prefix(x["metrics"].get("wikitext2", {}), PREFIX)) for name, x in stages if x]
+        stages = [(name, x, _wt_prefix(x)) for name, x in stages if x]
         if len(stages) > 1 and all(v for _, _, v in stages):
             words.append(f"{suffix}, the pipeline's stages (first {PREFIX} WikiText-2 windows): " + ", ".join(
                 f"{name} {v:.2f}" + (f" ({_cost(x) / _cost(g_cpu):.2f}x GPTQ's time)" if g_cpu else "")
                 for name, x, v in stages))
         for lab in SMOL_SAME_SIZE.get(suffix, []):
             o = cpu.get(lab)
-            vo = o and _ppl_prefix(o["metrics"].get("wikitext2", {}), PREFIX)
+            vo = o and _wt_prefix(o)
             if vo and a_pre:
                 words.append(
                     f"About the size of {suffix}: `{lab}` ({o['bits']['blocks_bits_per_param']:.3f} bits/param) "
