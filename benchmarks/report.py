@@ -178,6 +178,21 @@ def _same_run(rows: list[dict], settings: list, folders: list[str]) -> list[dict
     return out
 
 
+def omni_budget_note(folders: tuple[str, ...] = ("ptq_smollm2", "ptq_smollm2_cpu")) -> str:
+    """What the reduced-budget OmniQuant rows cost, and what the paper's budget would cost at that rate."""
+    from lowbit.omniquant import DEFAULTS
+    rows = [r for f in folders for r in _load(RES / f) if r["label"].startswith("omniquant-1epoch-")]
+    epochs = DEFAULTS["omni_epochs"]
+    text = (f"OmniQuant runs at the paper's budget ({epochs} epochs over the 128 calibration windows, batch 1). The rows "
+            f"labelled `omniquant-1epoch` run 1 epoch over the same 128 windows, 1/{epochs} of that budget, for CPU "
+            "runs: a reduced-budget OmniQuant, never quoted as the paper's")
+    if rows:
+        secs = [_quant_seconds(r) for r in rows]
+        text += (f"; they took {min(secs) / 60:.0f}-{max(secs) / 60:.0f} min each ({', '.join(sorted({r['device'] for r in rows}))}), "
+                 f"so the paper's budget would take about {epochs * min(secs) / 3600:.0f}-{epochs * max(secs) / 3600:.0f} h a row there")
+    return text + "."
+
+
 def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
                 datasets: tuple[str, ...] = ("wikitext2", "c4"), reuse: tuple[str, ...] = ()) -> str:
     from ptq_grid import GRIDS, SUFFIXES
@@ -1601,7 +1616,7 @@ CPU cross-check (same command with `--device cpu`, 2 cores, full split): {cpu_ch
 Same model and protocol as above; WikiText-2 on all 148 windows, C4 on the first 256 windows of the
 C4 evaluation text (the first 1,100 documents of the C4 validation sample). Calibration for the
 methods that use data: 128 windows of 2,048 tokens drawn (seed 0) from documents 1,100+ of the same
-C4 sample, never the evaluation text. RTN, HQQ and BCQ see no data. "quant wall s" is the
+C4 sample, never the evaluation text. RTN, HQQ and BCQ see no data. {omni_budget_note()} "quant wall s" is the
 method's time (the calibration text is tokenized once per run, outside it); "peak memory" is the CUDA
 allocator's peak during quantization (model included). Rows taken from CPU runs (listed under the table) ran
 on one CPU thread and their peak is the process's resident memory: compare their times and memory with

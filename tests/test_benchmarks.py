@@ -462,3 +462,40 @@ def test_gptq_probe_measures_gptq_below_rtn_on_its_own_objective(tmp_path, monke
         gptq_probe.rel_objective(E, W, H))
     assert gptq_probe.rel_objective(E, W, H) == pytest.approx(((E @ X.T).pow(2).sum() / (W @ X.T).pow(2).sum()).item(),
                                                               rel=1e-5)
+
+
+def test_reduced_budget_omniquant_rows_are_labelled_and_never_stand_in_for_the_paper_budget(tmp_path, monkeypatch):
+    """SmolLM2's grid pairs each OmniQuant row with a 1-epoch twin (same specs); the table names it
+    `omniquant-1epoch`, and a 1-epoch record of another grid never fills the paper-budget row."""
+    import ptq_grid
+    import report
+    from lowbit.config import QuantConfig, parse_spec
+
+    grid = {s.label: s for s in ptq_grid.GRIDS["ptq-smollm2"]}
+    omni = [s for s in grid.values() if s.method == "omniquant" and not s.extra]
+    assert len(omni) == 7
+    for s in omni:
+        twin = grid[s.label.replace("omniquant-", "omniquant-1epoch-")]
+        assert (twin.w, twin.a, twin.full, twin.extra) == (s.w, s.a, s.full, {"omni_epochs": 1})
+    assert not any("1epoch" in s.label for s in ptq_grid.GRIDS["ptq-stories260k"])
+
+    res = tmp_path / "results"
+    for d in ("ptq", "other"):
+        (res / d).mkdir(parents=True)
+    c4 = {"source": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0}
+
+    def record(label):
+        cfg = QuantConfig(weight=parse_spec("int3", "g128"), method="omniquant", extra={"omni_epochs": 1}).to_dict()
+        m = {"ppl": 50.0, "windows": 148, "windows_total": 148, "window_nlls": [3.9] * 148}
+        return {"label": label, "method": "omniquant", "config": cfg, "datasets": ["wikitext2"], "calibration": c4,
+                "bits": {"blocks_bits_per_param": 3.17, "model_bits_per_param": 5.8}, "metrics": {"wikitext2": m},
+                "device": "cpu", "quant_wall_s": 3000.0, "peak_memory_mb": 1.0, "commit": "abc", "seed": 0}
+
+    (res / "ptq" / "fp.json").write_text(json.dumps(record("fp") | {"method": "fp", "config": None}))
+    (res / "other" / "omniquant-1epoch-w3-g128.json").write_text(json.dumps(record("omniquant-1epoch-w3-g128")))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.ptq_section("ptq", "ptq-smollm2", reuse=("other",))
+    assert "| w3-g128 | omniquant-1epoch | int3 g128 asym |" in text
+    not_run = text.split("Not run yet")[1].split(": ", 1)[1].rstrip(".").split(", ")
+    assert "omniquant-w3-g128" in not_run and "omniquant-1epoch-w3-g128" not in not_run
+    assert "| w3-g128 | omniquant |" not in text
