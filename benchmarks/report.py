@@ -1152,6 +1152,13 @@ def dfqat_smollm2_section() -> str:
                  f"{abs(a / b - 1) * 100:.1f}%")
         else:
             w = f"{suffix}: no GPTQ row for this setting yet; dfqat (no data) {a:.2f} ({how})"
+        fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
+            _ppl_prefix(gpu["fp"]["metrics"]["wikitext2"], PREFIX) if "fp" in gpu else None)
+        if fp and a > 5 * fp:
+            w += f" (both far from the float model's {fp:.2f}: at this width the model breaks, dfqat less)"
+        if g_cpu:
+            w += (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time (data generation included; "
+                  f"goal: at most 3x)")
         # the best PTQ row of this setting on the same basis (it may be RTN: GPTQ without act-order can be worse);
         # on a full-split basis the other methods' rows scored on the prefix only are compared there, after it
         ptq = [x for x in rows if x["method"] not in ("fp", "dfqat")]
@@ -1182,13 +1189,6 @@ def dfqat_smollm2_section() -> str:
                 v, big = min(larger, key=lambda t: t[0])
                 w += (f"; `{name(big)}` scores {v:.2f} but stores {bits(big):.2f} bits/param against dfqat's "
                       f"{bits(d):.2f}")
-        fp = _full_ppl(gpu.get("fp"), "wikitext2") if how.startswith("full") else (
-            _ppl_prefix(gpu["fp"]["metrics"]["wikitext2"], PREFIX) if "fp" in gpu else None)
-        if fp and a > 5 * fp:
-            w += f" (both far from the float model's {fp:.2f}: at this width the model breaks, dfqat less)"
-        if g_cpu:
-            w += (f", in {_cost(d) / _cost(g_cpu):.2f}x GPTQ's CPU time (data generation included; "
-                  f"goal: at most 3x)")
         words.append(w)
         # the stages apart, on the windows every one of them has
         stages = [(name, cpu.get(lab)) for name, lab in (("tiled only", f"dfqat-tiled-{suffix}"),
