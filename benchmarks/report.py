@@ -187,9 +187,10 @@ def omni_budget_note(folders: tuple[str, ...] = ("ptq_smollm2", "ptq_smollm2_cpu
             f"labelled `omniquant-1epoch` run 1 epoch over the same 128 windows, 1/{epochs} of that budget, for CPU "
             "runs: a reduced-budget OmniQuant, never quoted as the paper's")
     if rows:
-        secs = [_quant_seconds(r) for r in rows]
-        text += (f"; they took {min(secs) / 60:.0f}-{max(secs) / 60:.0f} min each ({', '.join(sorted({r['device'] for r in rows}))}), "
-                 f"so the paper's budget would take about {epochs * min(secs) / 3600:.0f}-{epochs * max(secs) / 3600:.0f} h a row there")
+        secs = sorted(_quant_seconds(r) for r in rows)
+        span = lambda k, unit: "-".join(dict.fromkeys(f"{k * x:.0f}" for x in (secs[0], secs[-1]))) + unit  # noqa: E731
+        text += (f"; {len(rows)} ran, in {span(1 / 60, ' min')}{' each' if len(rows) > 1 else ''} ({', '.join(sorted({r['device'] for r in rows}))}, "
+                 f"quantization only), so the paper's budget would take about {span(epochs / 3600, ' h')} a row there")
     return text + "."
 
 
