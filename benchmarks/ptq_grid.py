@@ -68,7 +68,7 @@ def _bcq(w: dict) -> dict:
 
 
 # OmniQuant at the paper's budget (20 epochs over 128 x 2048 tokens, batch 1) takes ~1 s a step on one CPU thread for
-# SmolLM2: ~1 day a row. OMNI_1EPOCH rows run 1 epoch over the same calibration set (1/20 of the budget; still ~1.7x
+# SmolLM2: ~1 day a row. OMNI_1EPOCH rows run 1 epoch over the same calibration set (1/20 of the budget; still ~1.5x
 # data-free QAT's time on the same CPU), labelled `omniquant-1epoch`: a reduced-budget OmniQuant, never the paper's.
 OMNI_1EPOCH = {"omni_epochs": 1}
 
@@ -76,9 +76,11 @@ OMNI_1EPOCH = {"omni_epochs": 1}
 def _ptq_grid(w_only: list, full_wa: bool = False, omni_1epoch: bool = False) -> list[Setting]:
     """The issue-3 grid; ``omni_1epoch`` adds the reduced-budget OmniQuant rows beside the paper-budget ones."""
     rows = [Setting("fp", full=True)]
-    one = lambda suffix, w, a=None, full=False: ([Setting(f"omniquant-1epoch-{suffix}", "omniquant", w, a,  # noqa: E731
-                                                            full=full, extra=dict(OMNI_1EPOCH))]
-                                                 if omni_1epoch else [])
+
+    def one(suffix: str, w: dict, a: dict | None = None, full: bool = False) -> list[Setting]:
+        return [Setting(f"omniquant-1epoch-{suffix}", "omniquant", w, a, full=full, extra=dict(OMNI_1EPOCH))] \
+            if omni_1epoch else []
+
     for suffix, w, full in w_only:
         rows += [Setting(f"rtn-{suffix}", "rtn", w, full=full),
                  Setting(f"gptq-{suffix}", "gptq", w, full=full),

@@ -179,18 +179,26 @@ def _same_run(rows: list[dict], settings: list, folders: list[str]) -> list[dict
 
 
 def omni_budget_note(folders: tuple[str, ...] = ("ptq_smollm2", "ptq_smollm2_cpu")) -> str:
-    """What the reduced-budget OmniQuant rows cost, and what the paper's budget would cost at that rate."""
+    """What the reduced-budget OmniQuant rows cost (also against data-free QAT of the same setting on the same
+    CPU, its data generation included), and what the paper's budget would cost at that rate."""
     from lowbit.omniquant import DEFAULTS
     rows = [r for f in folders for r in _load(RES / f) if r["label"].startswith("omniquant-1epoch-")]
+    dfq = {r["label"]: r for r in _load(RES / SMOL_DFQAT)}
     epochs = DEFAULTS["omni_epochs"]
     text = (f"OmniQuant runs at the paper's budget ({epochs} epochs over the 128 calibration windows, batch 1). The rows "
             f"labelled `omniquant-1epoch` run 1 epoch over the same 128 windows, 1/{epochs} of that budget, for CPU "
             "runs: a reduced-budget OmniQuant, never quoted as the paper's")
-    if rows:
-        secs = sorted(_quant_seconds(r) for r in rows)
-        span = lambda k, unit: "-".join(dict.fromkeys(f"{k * x:.0f}" for x in (secs[0], secs[-1]))) + unit  # noqa: E731
-        text += (f"; {len(rows)} ran, in {span(1 / 60, ' min')}{' each' if len(rows) > 1 else ''} ({', '.join(sorted({r['device'] for r in rows}))}, "
-                 f"quantization only), so the paper's budget would take about {span(epochs / 3600, ' h')} a row there")
+    costs = []
+    for r in rows:
+        suffix = r["label"].removeprefix("omniquant-1epoch-")
+        d = dfq.get(f"dfqat-{suffix}")
+        costs.append(f"{suffix} {_quant_seconds(r) / 60:.0f} min on {_device_cell(r)}"
+                     + (f", {_quant_seconds(r) / _cost(d):.2f}x data-free QAT's time" if d else ""))
+    if costs:
+        hours = sorted(epochs * _quant_seconds(r) / 3600 for r in rows)
+        text += (f". Their quantization took: {'; '.join(costs)}; so the paper's budget would take about "
+                 f"{hours[0]:.0f}" + (f"-{hours[-1]:.0f}" if round(hours[-1]) != round(hours[0]) else "")
+                 + " h a row there")
     return text + "."
 
 
