@@ -169,12 +169,13 @@ def _same_run(rows: list[dict], settings: list, folders: list[str]) -> list[dict
             continue
         c = QuantConfig(weight=parse_spec(**s.w) if s.w else None, act=parse_spec(**s.a) if s.a else None,
                         kv=parse_spec(**s.kv) if s.kv else None, method=s.method, extra=dict(s.extra)).to_dict()
-        for f, r in pool:
-            rc, ck = r["config"], _calib_key(r.get("calibration"))
-            if (r["method"] == s.method and all(_same_spec(rc.get(k), c[k]) for k in ("weight", "act", "kv"))
-                    and (rc.get("extra") or {}) == c["extra"] and (ck is None or ck in calib)):
-                out.append(dict(r, label=s.label, reused_from=f"{f}/{r['label']}"))
-                break
+        same = [(f, r) for f, r in pool
+                if r["method"] == s.method and all(_same_spec(r["config"].get(k), c[k]) for k in ("weight", "act", "kv"))
+                and (r["config"].get("extra") or {}) == c["extra"]
+                and ((ck := _calib_key(r.get("calibration"))) is None or ck in calib)]
+        if same:  # the record that scored the most windows (a full-split rerun beats a prefix); ties: folder order
+            f, r = max(same, key=lambda fr: sum(m.get("windows", 0) for m in fr[1].get("metrics", {}).values()))
+            out.append(dict(r, label=s.label, reused_from=f"{f}/{r['label']}"))
     return out
 
 

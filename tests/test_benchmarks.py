@@ -273,6 +273,16 @@ def test_ptq_table_reuses_a_data_driven_run_only_with_the_same_calibration(tmp_p
     assert "| w3-channel | gptq | int3 channel asym |" in text and "`gptq-w3-channel` = `other/gptq-c4-w3-channel`" in text
     assert "gptq-w3-channel" not in _not_run(text) and "quarot+gptq-w3-channel" in _not_run(text)
 
+    # the same run in two folders: the full-split rerun fills the row, wherever its folder comes in the order
+    prefix = record("gptq-c4-w3-channel", ptq_grid.W("int3", "channel"), c4)
+    prefix["metrics"]["wikitext2"].update(windows=40, window_nlls=[4.9] * 40)
+    other.write_text(json.dumps(prefix))
+    (res / "later").mkdir()
+    (res / "later" / "gptq-w3-channel.json").write_text(
+        json.dumps(record("gptq-w3-channel", ptq_grid.W("int3", "channel"), c4)))
+    text = report.ptq_section("ptq", "ptq-smollm2", reuse=("other", "later"))
+    assert "`gptq-w3-channel` = `later/gptq-w3-channel`" in text and "other/gptq-c4-w3-channel" not in text
+
 
 def test_mixed_goal_takes_the_best_row_at_its_budget_and_compares_group_scales():
     """A goal is about a budget: the best mixed row at 2.5 bits (one scale per row or per group) is judged, and
