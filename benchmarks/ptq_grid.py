@@ -68,7 +68,7 @@ def _bcq(w: dict) -> dict:
 
 
 # OmniQuant at the paper's budget (20 epochs over 128 x 2048 tokens, batch 1) takes ~1 s a step on one CPU thread for
-# SmolLM2: ~1 day a row. OMNI_1EPOCH rows run 1 epoch over the same calibration set (1/20 of the budget; still ~1.5x
+# SmolLM2: ~1 day a row. OMNI_1EPOCH rows run 1 epoch over the same calibration set (1/20 of the budget; still 1.5-1.6x
 # data-free QAT's time on the same CPU), labelled `omniquant-1epoch`: a reduced-budget OmniQuant, never the paper's.
 OMNI_1EPOCH = {"omni_epochs": 1}
 
