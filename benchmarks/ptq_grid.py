@@ -196,6 +196,18 @@ GRIDS["kv-stories260k"] = [
 KV_SUFFIXES = ["w4a8kv4-head", "w4a8kv4", "w4a8", "kv4-head", "kv4", "kv8"]  # longest first (label endings)
 
 
+# issue 3, OmniQuant's budget on stories260K: epochs over the same 32 calibration windows (0: the LWC/LET initialisation
+# alone; 20: the paper's), for a weight-only and a W4A4 setting, LET off as a control; RTN in the same run. It tells
+# how far the reduced-budget `omniquant-1epoch` rows of SmolLM2 stand from the paper's budget.
+OMNI_EPOCHS = (0, 1, 5, 20)
+GRIDS["omni-budget-stories260k"] = [Setting("fp", full=True)] + [row for suffix, w, a in (
+    ("w3-channel", W("int3", "channel"), None), ("w4a4", W("int4", "channel", True), A4)) for row in (
+    Setting(f"rtn-{suffix}", "rtn", w, a, full=True),
+    *[Setting(f"omniquant-e{e}-{suffix}", "omniquant", w, a, full=True, extra={"omni_epochs": e}) for e in OMNI_EPOCHS],
+    *([Setting(f"omniquant-nolet-e{e}-{suffix}", "omniquant", w, a, full=True, extra={"omni_epochs": e, "omni_let": False})
+       for e in (1, 20)] if a else []))]
+
+
 # issue 4, data-free QAT ablations on stories260K: int3 g32 (the main setting) and int2 g32 (token counts, defaults),
 # one folder per command under results/dfqat_ablations_stories260k/ (benchmarks/report.py lists the commands).
 DFQAT_TOKENS = (8, 32, 128, 512)  # self-generated sequences of 256 tokens (run with --nsamples 512)
