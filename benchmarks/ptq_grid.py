@@ -408,7 +408,7 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
         partial.unlink(missing_ok=True)
         metrics[ds] = res
     rep = size_report(model)
-    reports = {k: getattr(model, k) for k in ("mixed_report", "dfqat_report", "ptq_resume")
+    reports = {k: getattr(model, k) for k in ("mixed_report", "dfqat_report", "ptq_resume", "omniquant_report")
                if getattr(model, k, None) is not None}
     del model
     gc.collect()
@@ -444,7 +444,10 @@ def run_one(model_id: str, s: Setting, datasets: list[str], windows: int | None,
     for ds, m in metrics.items():  # a set the record already scored on more windows keeps them
         if ds not in merged or m["windows"] >= merged[ds]["windows"]:
             merged[ds] = m
-    return dict(previous, metrics=merged, datasets=[*previous["datasets"],
+    # a training report the original record lacks (rows run before it was kept) comes from the restored blocks:
+    # OmniQuant's checkpoint keeps each block's loss and time
+    filled = {k: v for k, v in reports.items() if k == "omniquant_report" and k not in previous}
+    return dict(previous, **filled, metrics=merged, datasets=[*previous["datasets"],
                                                     *(d for d in datasets if d not in previous["datasets"])],
                 eval_wall_s=sum(m["wall_s"] for m in merged.values()),
                 extended=[*previous.get("extended", []), ext])

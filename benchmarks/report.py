@@ -225,6 +225,62 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
             + note)
 
 
+def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = "tinystories") -> str:
+    """OmniQuant's perplexity and time against its number of epochs (grid omni-budget-stories260k), and the
+    share of the paper-budget gain over its own initialisation that one epoch reaches, computed per setting."""
+    from ptq_grid import OMNI_EPOCHS
+    rows = _load(RES / folder)
+    if not rows:
+        return "_no results yet_"
+    by = {r["label"]: r for r in rows}
+    cell = lambda r: "not run yet" if r is None or _ppl(r, dataset) is None else (  # noqa: E731
+        f"{_ppl(r, dataset):.3f} ({_quant_seconds(r):.0f} s)")
+    head = "| setting | RTN | " + " | ".join(f"{e} epoch{'s' * (e != 1)}" for e in OMNI_EPOCHS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(OMNI_EPOCHS))]
+    notes = []
+    for suffix in ("w3-channel", "w4a4"):
+        for tag, name in (("", "OmniQuant"), ("nolet-", "OmniQuant, LET off")):
+            runs = [by.get(f"omniquant-{tag}e{e}-{suffix}") for e in OMNI_EPOCHS]
+            if not any(runs):
+                continue
+            lines.append(f"| {name}, {suffix} | {cell(by.get(f'rtn-{suffix}')) if not tag else ''} | "
+                         + " | ".join(cell(r) if r else "" for r in runs) + " |")
+            e0, e1, e20 = (_ppl(by.get(f"omniquant-{tag}e{e}-{suffix}"), dataset) for e in (0, 1, OMNI_EPOCHS[-1]))
+            if not tag and None not in (e0, e1, e20) and e0 > e20:
+                notes.append(f"{suffix}: one epoch reaches {(e0 - e1) / (e0 - e20):.0%} of the {OMNI_EPOCHS[-1]}-epoch "
+                             f"gain over the initialisation ({e0:.3f} to {e1:.3f}, against {e20:.3f})")
+    fp = _ppl(by.get("fp"), dataset)
+    return ("\n".join(lines) + f"\n\nFloat model: {_f(fp, 3)}. Perplexity on the whole held-out text (seconds of "
+            "quantization on one CPU thread). " + ("; ".join(notes) + ". " if notes else "")
+            + f"Provenance: {provenance(rows)}.")
+
+
+def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
+                      omni: tuple[str, str] = ("ptq_smollm2_cpu", "omniquant-1epoch-w4a4")) -> str:
+    """benchmarks/act_probe.py per decoder block, beside the per-block loss of an OmniQuant W4A4 row."""
+    f = RES / path
+    if not f.exists():
+        return "_no results yet_"
+    rec = json.loads(f.read_text())
+    orow = next((r for r in _load(RES / omni[0]) if r["label"] == omni[1]), None)
+    loss = {e["block"]: e["loss"] for e in (orow or {}).get("omniquant_report") or []}
+    lines = ["| block | attention input: max abs | its int4 error (rotated) | down_proj input: max abs | its int4 error "
+             "(rotated) | largest error it writes into the residual (rotated) | residual stream: max abs"
+             + (f" | `{omni[1]}` block loss |" if loss else " |"),
+             "|" + "---|" * (7 + bool(loss))]
+    for r in rec["blocks"]:
+        a, d = r["attn_in"], r["down_in"]
+        lines.append(f"| {r['block']} | {a['max_abs']:.1f} | {a['rel_err']:.2f} ({a['rel_err_rotated']:.2f}) | "
+                     f"{d['max_abs']:.1f} | {d['rel_err']:.2f} ({d['rel_err_rotated']:.2f}) | "
+                     f"{d['out_err_max']:.1f} ({d['out_err_max_rotated']:.1f}) | {r['resid_max_abs']:.0f} |"
+                     + (f" {_f(loss.get(r['block']), 3)} |" if loss else ""))
+    return ("\n".join(lines) + f"\n\nFloat model on the first {rec['windows']} {rec['dataset']} windows of "
+            f"{rec['seqlen']} tokens; int4 error = mean over tokens of ||Q(x) - x|| / ||x|| for per-token symmetric "
+            "int4 (rotated: after an orthogonal Hadamard-type rotation of the same width, as QuaRot applies there)."
+            + (f" Block loss: the last-epoch MSE of each block's output against the float model's, from the "
+               f"record of `{omni[1]}`." if loss else "") + f" Provenance: {provenance([rec])}.")
+
+
 def engine_section(folder: Path | None = None) -> str:
     """The Hessian solvers' loop with and without the attention cache (benchmarks/engine_speed.py)."""
     rows = _load(folder or RES / "engine_speed")
@@ -1669,6 +1725,19 @@ massive channels (about 12 times their share of the weights), but most of them l
 of the scale statistics SpQR's error on the bulk is below RTN's where GPTQ's is above (the lines above). Limits: float inputs (not the
 quantized prefix), 4 of the 30 blocks, 16 calibration windows.
 
+### Why 4-bit activations break SmolLM2 without a rotation
+
+At W4A4 RTN scores 10280 and the reduced-budget OmniQuant 10977, where QuaRot's rotations bring RTN to 274.
+`benchmarks/act_probe.py` runs the float model and measures, per decoder block, what per-token int4 does to the
+inputs of the attention projections and of `down_proj`, and the largest error that `down_proj`'s quantized input
+writes into the residual stream:
+
+```
+OMP_NUM_THREADS=1 python benchmarks/act_probe.py --model smollm2-135m --windows 2 --out results/act_probe
+```
+
+{act_probe_section()}
+
 ## stories260K: PTQ baselines on the TinyStories held-out text (issue 3)
 
 Every method and setting of the SmolLM2 grid above on the small real model, on a CPU. stories260K's
@@ -1686,6 +1755,19 @@ Rows marked `+dirty` ran while the only uncommitted changes in the checkout were
 options of `lowbit/cli.py` (`gen-data`, committed as e370a1f; the dfqat options), which no row uses.
 The OmniQuant weight-activation rows were rerun after commit 920e56b (before it, LET scales drifted to
 their clamp at 4-bit activations: W4A4 ended at 69.1).
+
+### OmniQuant's budget: epochs against perplexity (stories260K)
+
+The SmolLM2 rows above run OmniQuant for 1 epoch where the paper runs 20 (its time on a CPU). How much that costs
+is measured here on the small model, where the paper's budget takes minutes: the same code and calibration as the
+table above (32 windows of 512 tokens), 0 epochs (the initialisation alone: LWC at `sigmoid(4)`, LET from
+SmoothQuant's scales), 1, 5 and 20, for a weight-only setting and for W4A4, and at W4A4 with LET off as a control.
+
+```
+OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid omni-budget-stories260k --datasets tinystories --calib tinystories --nsamples 32 --device cpu --out results/omni_budget_stories260k
+```
+
+{omni_budget_section()}
 
 ## Independent implementations side by side (issue 3)
 

@@ -109,6 +109,31 @@ def test_extend_scores_only_the_missing_windows_and_keeps_the_original_record(tm
     assert "FAILED: --extend needs the row's finished checkpoint" in capsys.readouterr().out
 
 
+@needs_shared
+def test_omniquant_rows_keep_their_block_losses_and_extend_fills_them_from_the_checkpoint(tmp_path, monkeypatch):
+    """An OmniQuant row records each block's last-epoch loss; a record written before that was kept gets the
+    losses back from the restored blocks when --extend scores more windows, equal to the original ones."""
+    out, ck = tmp_path / "out", tmp_path / "ck"
+    argv = ["ptq_grid.py", "--model", "stories260k", "--grid", "omni-budget-stories260k", "--only",
+            "omniquant-e1-w4a4", "--datasets", "tinystories", "--windows-for", "tinystories=1", "--calib",
+            "tinystories", "--nsamples", "2", "--calib-seqlen", "64", "--device", "cpu", "--ckpt", str(ck),
+            "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    ptq_grid.main()
+    path = out / "omniquant-e1-w4a4.json"
+    a = json.loads(path.read_text())
+    rep = a["omniquant_report"]
+    assert [r["block"] for r in rep] == list(range(5)) and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rep)
+    del a["omniquant_report"]
+    path.write_text(json.dumps(a))
+    monkeypatch.setattr(sys, "argv", [x if x != "tinystories=1" else "tinystories=2" for x in argv] + ["--extend"])
+    ptq_grid.main()
+    b = json.loads(path.read_text())
+    assert b["metrics"]["tinystories"]["windows"] == 2
+    assert [r["loss"] for r in b["omniquant_report"]] == pytest.approx([r["loss"] for r in rep])
+    assert all(r.get("restored") for r in b["omniquant_report"])
+
+
 @pytest.mark.parametrize("section", ["dfqat_smollm2_section", "ptq_section", "kv_section", "peers_section"])
 def test_report_sections_render_from_the_committed_records(section):
     text = getattr(report, section)()
