@@ -225,10 +225,12 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
             + note)
 
 
-def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = "tinystories") -> str:
+def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = "tinystories",
+                        grid: str = "omni-budget-stories260k") -> str:
     """OmniQuant's perplexity and time against its number of epochs (grid omni-budget-stories260k), and the
     share of the paper-budget gain over its own initialisation that one epoch reaches, computed per setting."""
-    from ptq_grid import OMNI_EPOCHS
+    from ptq_grid import GRIDS, OMNI_EPOCHS
+    in_grid = {x.label for x in GRIDS[grid]}
     rows = _load(RES / folder)
     if not rows:
         return "_no results yet_"
@@ -240,11 +242,11 @@ def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = 
     notes = []
     for suffix in ("w3-channel", "w4a4"):
         for tag, name in (("", "OmniQuant"), ("nolet-", "OmniQuant, LET off")):
-            runs = [by.get(f"omniquant-{tag}e{e}-{suffix}") for e in OMNI_EPOCHS]
-            if not any(runs):
+            labels = [f"omniquant-{tag}e{e}-{suffix}" for e in OMNI_EPOCHS]
+            if not any(lab in by for lab in labels):
                 continue
             lines.append(f"| {name}, {suffix} | {cell(by.get(f'rtn-{suffix}')) if not tag else ''} | "
-                         + " | ".join(cell(r) if r else "" for r in runs) + " |")
+                         + " | ".join(cell(by.get(lab)) if lab in in_grid else "" for lab in labels) + " |")
             e0, e1, e20 = (_ppl(by.get(f"omniquant-{tag}e{e}-{suffix}"), dataset) for e in (0, 1, OMNI_EPOCHS[-1]))
             if not tag and None not in (e0, e1, e20) and e0 > e20:
                 notes.append(f"{suffix}: one epoch reaches {(e0 - e1) / (e0 - e20):.0%} of the {OMNI_EPOCHS[-1]}-epoch "
@@ -253,6 +255,18 @@ def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = 
     return ("\n".join(lines) + f"\n\nFloat model: {_f(fp, 3)}. Perplexity on the whole held-out text (seconds of "
             "quantization on one CPU thread). " + ("; ".join(notes) + ". " if notes else "")
             + f"Provenance: {provenance(rows)}.")
+
+
+def w4a4_line(folder: str = "ptq_smollm2_cpu") -> str:
+    """One sentence: the SmolLM2 W4A4 rows of RTN, reduced-budget OmniQuant and QuaRot+RTN (WikiText-2)."""
+    by = {r["label"]: r for r in _load(RES / folder)}
+    cells = []
+    for label, name in (("rtn-w4a4", "RTN"), ("omniquant-1epoch-w4a4", "the reduced-budget OmniQuant"),
+                        ("quarot+rtn-w4a4", "QuaRot+RTN")):
+        m = (by.get(label) or {}).get("metrics", {}).get("wikitext2")
+        if m:
+            cells.append(f"{name} {m['ppl']:.0f}")
+    return (f"At W4A4 (WikiText-2, first windows, the table above): {', '.join(cells)}." if cells else "")
 
 
 def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
@@ -1727,7 +1741,7 @@ quantized prefix), 4 of the 30 blocks, 16 calibration windows.
 
 ### Why 4-bit activations break SmolLM2 without a rotation
 
-At W4A4 RTN scores 10280 and the reduced-budget OmniQuant 10977, where QuaRot's rotations bring RTN to 274.
+{w4a4_line()}
 `benchmarks/act_probe.py` runs the float model and measures, per decoder block, what per-token int4 does to the
 inputs of the attention projections and of `down_proj`, and the largest error that `down_proj`'s quantized input
 writes into the residual stream:
@@ -1762,6 +1776,8 @@ The SmolLM2 rows above run OmniQuant for 1 epoch where the paper runs 20 (its ti
 is measured here on the small model, where the paper's budget takes minutes: the same code and calibration as the
 table above (32 windows of 512 tokens), 0 epochs (the initialisation alone: LWC at `sigmoid(4)`, LET from
 SmoothQuant's scales), 1, 5 and 20, for a weight-only setting and for W4A4, and at W4A4 with LET off as a control.
+An epoch here is 32 steps (batch 1) of 512 tokens; on SmolLM2 it is 128 steps of 2,048 tokens, so SmolLM2's
+1-epoch rows take as many steps as 4 epochs here, 4 times longer each.
 
 ```
 OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid omni-budget-stories260k --datasets tinystories --calib tinystories --nsamples 32 --device cpu --out results/omni_budget_stories260k

@@ -140,6 +140,43 @@ def test_report_sections_render_from_the_committed_records(section):
     assert isinstance(text, str) and text.strip()
 
 
+def test_omniquant_budget_section_computes_the_share_of_the_gain_one_epoch_reaches(tmp_path, monkeypatch):
+    """The budget table's verdict comes from the records: (ppl_0 - ppl_1) / (ppl_0 - ppl_20)."""
+    res = tmp_path / "results"
+    (res / "ob").mkdir(parents=True)
+
+    def record(label, ppl):
+        m = {"ppl": ppl, "nll": math.log(ppl), "windows": 3, "windows_total": 3}
+        return {"label": label, "metrics": {"tinystories": m}, "quant_wall_s": 1.0, "commit": "c", "device": "cpu",
+                "seed": 0}
+
+    for label, ppl in (("fp", 4.0), ("rtn-w4a4", 8.0), ("omniquant-e0-w4a4", 7.5), ("omniquant-e1-w4a4", 7.0),
+                       ("omniquant-e20-w4a4", 5.5)):
+        (res / "ob" / f"{label}.json").write_text(json.dumps(record(label, ppl)))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.omni_budget_section("ob")
+    assert "w4a4: one epoch reaches 25% of the 20-epoch gain" in text
+    assert "| OmniQuant, w4a4 | 8.000 (1 s) | 7.500 (1 s) | 7.000 (1 s) | not run yet | 5.500 (1 s) |" in text
+    assert "w3-channel" not in text  # no records, no row
+
+
+def test_act_probe_section_puts_each_block_beside_the_omniquant_block_loss(tmp_path, monkeypatch):
+    res = tmp_path / "results"
+    (res / "ap").mkdir(parents=True)
+    (res / "ptq").mkdir()
+    st = {"max_abs": 3000.0, "max_peak_to_rms": 37.0, "rel_err": 0.4, "rel_err_rotated": 0.14}
+    blocks = [{"block": i, "attn_in": st, "down_in": dict(st, out_err_max=1440.0 * i, out_err_max_rotated=421.0),
+               "resid_max_abs": 24851.0} for i in range(2)]
+    (res / "ap" / "m.json").write_text(json.dumps({"blocks": blocks, "windows": 2, "dataset": "wikitext2",
+                                                   "seqlen": 2048, "commit": "c", "device": "cpu", "seed": None}))
+    (res / "ptq" / "o.json").write_text(json.dumps({"label": "o", "omniquant_report": [
+        {"block": 0, "loss": 15.6}, {"block": 1, "loss": 527.1}]}))
+    monkeypatch.setattr(report, "RES", res)
+    text = report.act_probe_section("ap/m.json", ("ptq", "o"))
+    assert "| 1 | 3000.0 | 0.40 (0.14) | 3000.0 | 0.40 (0.14) | 1440.0 (421.0) | 24851 | 527.100 |" in text
+    assert report.act_probe_section("ap/none.json") == "_no results yet_"
+
+
 def test_smollm2_mixed_section_compares_every_row_on_the_same_prefix(tmp_path, monkeypatch):
     """A mixed row scored on 40 windows is compared with the full-split RTN rows on their first 40 windows, and
     the goal is worded from the numbers (a mixed row that is better on the prefix but worse on the full split
