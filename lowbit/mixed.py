@@ -69,7 +69,8 @@ the blocks gets what is left of ``mixed_target_bits``, which may be omitted when
 pruning), ``mixed_noise_clip``, ``mixed_keep_noise_weights`` (fine-tune from the noise
 phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_embed_range`` (widths per
 vocabulary row of the token-embedding table under its own budget, learned in the end-to-end stages only, a
-tied head sharing them; rows are never pruned). Both phases use the other ``dfqat_*`` settings (tile
+tied head sharing them; rows are never pruned), ``mixed_head_target`` / ``mixed_head_range`` (the same for an
+untied LM head under its own budget; a tied head is refused there: its widths are the embedding's). Both phases use the other ``dfqat_*`` settings (tile
 size, batch, learning rates, data, checkpoints: the fine-tune's go to ``<dfqat_ckpt>/finetune``).
 """
 from __future__ import annotations
@@ -153,6 +154,8 @@ DEFAULTS = {
     "mixed_keep_noise_weights": False,  # fine-tune from the noise phase's weights (default: from the float ones)
     "mixed_embed_target": None,  # bits/param of the token-embedding table (tied head included): learned widths
     "mixed_embed_range": "2-8",  # continuous bits range of the embedding rows
+    "mixed_head_target": None,  # bits/param of an untied LM head: learned widths per vocabulary row
+    "mixed_head_range": "2-8",  # continuous bits range of the head rows
 }
 
 
@@ -201,10 +204,11 @@ def settings(cfg: QuantConfig) -> dict:
     o["part_range"] = {"attention": _range(o["mixed_attn_range"], "mixed_attn_range") if o["mixed_attn_range"]
                        else o["range"],
                        "ffn": _range(o["mixed_ffn_range"], "mixed_ffn_range") if o["mixed_ffn_range"] else o["range"]}
-    e = o["mixed_embed_target"]
-    if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or not 1 <= e <= 16):
-        raise ValueError(f"mixed_embed_target must be bits per parameter in [1, 16], got {e!r}")
-    o["embed_range"] = _range(o["mixed_embed_range"], "mixed_embed_range")
+    for part in ("embed", "head"):
+        e = o[f"mixed_{part}_target"]
+        if e is not None and (isinstance(e, bool) or not isinstance(e, (int, float)) or not 1 <= e <= 16):
+            raise ValueError(f"mixed_{part}_target must be bits per parameter in [1, 16], got {e!r}")
+        o[f"{part}_range"] = _range(o[f"mixed_{part}_range"], f"mixed_{part}_range")
     # each part starts 2 bits above its own budget (or the shared one)
     o["part_init"] = {part: float(o["mixed_init_bits"]) if o["mixed_init_bits"] is not None
                       else float(o["part_target"].get(part, t)) + 2 for part in part_t}
@@ -756,20 +760,44 @@ def attach_embedding(model: nn.Module, opts: dict) -> tuple[str, NoisyRows] | No
     return arch.embed, emb.learner
 
 
-class EmbedBudget:
-    """The embedding table's own Lagrangian term (end-to-end stages only: the tiles do not see it)."""
+def attach_head(model: nn.Module, opts: dict, cfg: QuantConfig) -> tuple[str, NoisyRows] | None:
+    """With ``mixed_head_target``: an untied LM head becomes a live ``QuantLinear`` with a per-row (vocabulary
+    row) :class:`NoisyRows` learner, no pruning, under its own budget. A tied head shares the embedding's
+    widths (``mixed_embed_target``). Returns ``(head name, learner)``."""
+    if opts["mixed_head_target"] is None:
+        return None
+    from .models import get_module, set_module, tied_embeddings
 
-    def __init__(self, emb: nn.Module, opts: dict, idx_bits: int):
-        self.emb, self.opts, self.idx_bits, self.lam = emb, opts, idx_bits, 0.0
+    if tied_embeddings(model):
+        raise ValueError("mixed_head_target: this model ties its head to the token embeddings, so the head's widths "
+                         "are the embedding's; use --opt mixed_embed_target instead")
+    if cfg.head is not None:
+        raise ValueError("mixed_head_target learns the head's widths; drop --head-format (a uniform head format)")
+    arch = arch_of(model)
+    head = QuantLinear.from_linear(get_module(model, arch.head), CONTAINER)
+    set_module(model, arch.head, head)
+    lo, hi = opts["head_range"]
+    target = float(opts["mixed_head_target"])
+    head.learner = NoisyRows(head.weight.detach(), lo, hi, min(max(target + 2, lo), hi),
+                             clip_bits=min(max(target, lo), hi) if opts["mixed_noise_clip"] else None)
+    return arch.head, head.learner
+
+
+class TableBudget:
+    """The own Lagrangian term of a vocabulary table (the token embedding, or an untied head) under
+    ``mixed_<part>_target`` (end-to-end stages only: the tiles do not see it)."""
+
+    def __init__(self, mod: nn.Module, opts: dict, idx_bits: int, part: str = "embed"):
+        self.mod, self.opts, self.idx_bits, self.part, self.lam = mod, opts, idx_bits, part, 0.0
         self.history: list[dict] = []
 
     def bits_per_param(self) -> Tensor:
-        w = self.emb.weight
-        return self.emb.learner.expected_bits(tuple(w.shape), self.idx_bits) / w.numel()
+        w = self.mod.weight
+        return self.mod.learner.expected_bits(tuple(w.shape), self.idx_bits) / w.numel()
 
     def __call__(self, step: int, steps: int) -> Tensor:
         B = self.bits_per_param()
-        target = float(self.opts["mixed_embed_target"])
+        target = float(self.opts[f"mixed_{self.part}_target"])
         excess = float(B.detach()) - target
         self.lam = max(0.0, self.lam + self.opts["mixed_eta"] * excess)
         if step % 10 == 0 or step + 1 == steps:
@@ -1062,16 +1090,20 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         teacher = D.float_teacher(model)
         learners = attach_noise(model, opts, group)
         embed = attach_embedding(model, opts)
+        # vocabulary tables with their own budgets (rows never pruned): the token embedding, an untied head
+        tables = {part: t for part, t in (("embed", embed), ("head", attach_head(model, opts, cfg))) if t}
         emb_choices = [c for c in opts["choices"] if c > 0]
+        topts = dict(opts, choices=emb_choices, mixed_prune=False)
         mods = dict(model.named_modules())
         for pname, sub, pool in block_pools(model, learners, opts):  # an unreachable budget fails now, not later
             if sub:
                 check_budget(model, sub, opts, pool, pname)
-        if embed:
-            check_budget(model, {embed[0]: embed[1]}, dict(opts, choices=emb_choices, mixed_prune=False),
-                         (float(opts["mixed_embed_target"]), mods[embed[0]].weight.numel(), 0), "embedding")
-        float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *([embed[0]] if embed else [])]}
-        ebudget = EmbedBudget(mods[embed[0]], opts, index_bits(emb_choices)) if embed else None
+        for part, (tname, tl) in tables.items():
+            check_budget(model, {tname: tl}, topts, (float(opts[f"mixed_{part}_target"]), mods[tname].weight.numel(),
+                                                     0), "embedding" if part == "embed" else "head")
+        float_w = {n: mods[n].weight.detach().clone() for n in [*learners, *(t[0] for t in tables.values())]}
+        tbudgets = [TableBudget(mods[tname], opts, index_bits(emb_choices), part)
+                    for part, (tname, _) in tables.items()]
         budget = Penalty(block_budgets(model, opts, ib))
         key = D._run_key(cfg, teacher, ids, dopts | opts) if dopts["dfqat_ckpt"] else ""
         ck = D._Checkpoint(dopts["dfqat_ckpt"], key)
@@ -1080,7 +1112,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         torch.manual_seed(cfg.seed)
 
         def set_mults(q_lr: float) -> None:
-            for lr in [*learners.values(), *([embed[1]] if embed else [])]:
+            for lr in [*learners.values(), *(t[1] for t in tables.values())]:
                 lr.mults = (opts["mixed_bits_lr"] / q_lr, opts["mixed_gate_lr"] / q_lr)
 
         nopts = dict(dopts, dfqat_tile_steps=opts["mixed_noise_tile_steps"],
@@ -1093,14 +1125,14 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
         e2e = None
         if nopts["dfqat_e2e_steps"] > 0:
             set_mults(nopts["dfqat_e2e_q_lr"])
-            pen = budget if ebudget is None else (lambda root, step, steps: budget(root, step, steps)
-                                                  + ebudget(step, steps))
+            pen = budget if not tbudgets else (lambda root, step, steps: budget(root, step, steps)
+                                               + sum(tb(step, steps) for tb in tbudgets))
             e2e = D._e2e_stage(model, teacher, ids, data, nopts, cfg.seed, ck, progress, penalty=pen,
                                label="mixed-noise")
         report["noise"] = {"tiles": tiles, "e2e": e2e, "budget": budget.history,
                            "expected_bits": budget.blocks_bits_per_param(model)}
         torch.manual_seed(cfg.seed + 1)  # the same noise as the uninterrupted run (a resumed one reaches here too)
-        _fisher_pass(model, teacher, ids, learners | ({embed[0]: embed[1]} if embed else {}), opts, dopts, cfg.seed)
+        _fisher_pass(model, teacher, ids, learners | dict(tables.values()), opts, dopts, cfg.seed)
         for g in (m for m in model.modules() if isinstance(m, UnitGates)):
             g.stochastic = False
         if not opts["mixed_keep_noise_weights"]:  # the noise phase only chose the widths
@@ -1122,13 +1154,12 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             total, params = total + 16 * other, params + other
         report["integer"] = {"bits_per_param": total / params, "params": params} | (
             {"budgets": parts} if opts["part_target"] else {})
-        if embed:
-            eopts = dict(opts, choices=emb_choices, mixed_prune=False)
-            eplan = integer_bits(model, {embed[0]: embed[1]}, eopts,
-                                 pool=(float(opts["mixed_embed_target"]), mods[embed[0]].weight.numel(), 0))
-            report["integer_embed"] = eplan.pop("_total")
-            report["noise"]["embed_budget"] = ebudget.history
-            plan |= eplan
+        for tb, (part, (tname, tl)) in zip(tbudgets, tables.items()):
+            tplan = integer_bits(model, {tname: tl}, topts,
+                                 pool=(float(opts[f"mixed_{part}_target"]), mods[tname].weight.numel(), 0))
+            report[f"integer_{part}"] = tplan.pop("_total")
+            report["noise"][f"{part}_budget"] = tb.history
+            plan |= tplan
         for name, p in plan.items():
             m = mods[name]
             m.learner = RowLSQ(m.weight.detach(), p["bits"], p["col_keep"], p["clip"], p["group"])
@@ -1152,7 +1183,7 @@ def mixed_method(model: nn.Module, cfg: QuantConfig, calib: Tensor | None = None
             if not D._finite([m.weight, *learner.parameters()]):
                 raise ValueError("mixed: non-finite weights at the end of training; nothing was frozen")
             del m.learner
-            freeze_mixed(m, learner, emb_choices if embed and name == embed[0] else opts["choices"])
+            freeze_mixed(m, learner, emb_choices if name in {t[0] for t in tables.values()} else opts["choices"])
         if head is not None:  # the same tensor, the same grid and width map
             emb_m = mods[embed[0]]
             del head.learner

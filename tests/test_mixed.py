@@ -479,6 +479,30 @@ def test_cli_mixed_stories260k(tmp_path):
     assert json.loads(info.read_text())["blocks_bits"] == rec["bits"]["blocks_bits"]  # the reloaded map
 
 
+def test_an_untied_head_gets_learned_widths_within_its_own_budget(tmp_path):
+    """``mixed_head_target``: the vocabulary rows of an untied head get widths (never 0) under the head's own
+    budget, beside the blocks' and the embedding's; save/load is exact. A tied head is refused in one line."""
+    model = _run(3.0, mixed_head_target=4.0, mixed_embed_target=5.0, mixed_prune=False)
+    head, emb = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, QuantLinear) and head.frozen and head.weight is not emb.weight
+    assert int(head.w_bits.min()) >= 2 and not torch.equal(head.w_bits.float().mean(), emb.w_bits.float().mean())
+    rep = size_report(model)
+    assert 3.9 < rep["parts"]["head"]["bits_per_param"] <= 4.0
+    assert 4.9 < rep["parts"]["embeddings"]["bits_per_param"] <= 5.0
+    assert rep["blocks_bits_per_param"] <= 3.0
+    assert model.mixed_report["integer_head"]["bits_per_param"] == pytest.approx(rep["parts"]["head"]["bits_per_param"])
+    assert model.mixed_report["noise"]["head_budget"]  # its own multiplier's trace
+    _assert_reloads_exactly(model, tmp_path, rep, bits="model_bits", seed=4)
+
+    tied = tiny_model()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tied.config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="ties its head to the token embeddings.*mixed_embed_target"):
+        _run(3.0, model=tied, mixed_head_target=4.0)
+    with pytest.raises(ValueError, match="mixed_head_target must be bits per parameter"):
+        _run(3.0, mixed_head_target=0.5)
+
+
 @needs_shared
 def test_cli_target_bits_needs_mixed(capsys):
     from lowbit.cli import main
