@@ -70,8 +70,8 @@ pruning), ``mixed_noise_clip``, ``mixed_keep_noise_weights`` (fine-tune from the
 phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_embed_range`` (widths per
 vocabulary row of the token-embedding table under its own budget, learned in the end-to-end stages only, a
 tied head sharing them; rows are never pruned), ``mixed_head_target`` / ``mixed_head_range`` (the same for an
-untied LM head under its own budget; a tied head is refused there: its widths are the embedding's). Both phases use the other ``dfqat_*`` settings (tile
-size, batch, learning rates, data, checkpoints: the fine-tune's go to ``<dfqat_ckpt>/finetune``).
+untied LM head under its own budget; a tied head is refused there: its widths are the embedding's). Both phases
+use the other ``dfqat_*`` settings (tile size, batch, learning rates, data, checkpoints: the fine-tune's go to ``<dfqat_ckpt>/finetune``).
 """
 from __future__ import annotations
 
@@ -737,6 +737,15 @@ def attach_noise(model: nn.Module, opts: dict, group: int = 0) -> dict[str, Nois
     return learners
 
 
+def _table_learner(weight: Tensor, opts: dict, part: str) -> NoisyRows:
+    """The per-row learner of a vocabulary table (``part``: embed or head) under ``mixed_<part>_target``: no gates,
+    started 2 bits above the target, its clipping searched at the target (both clamped into the part's range)."""
+    lo, hi = opts[f"{part}_range"]
+    target = float(opts[f"mixed_{part}_target"])
+    return NoisyRows(weight.detach(), lo, hi, min(max(target + 2, lo), hi),
+                     clip_bits=min(max(target, lo), hi) if opts["mixed_noise_clip"] else None)
+
+
 def attach_embedding(model: nn.Module, opts: dict) -> tuple[str, NoisyRows] | None:
     """With ``mixed_embed_target``: the token embedding becomes a live ``QuantEmbedding`` with a per-row
     (vocabulary row) :class:`NoisyRows` learner, no pruning; a tied head is a ``QuantLinear`` sharing the weight
@@ -749,10 +758,7 @@ def attach_embedding(model: nn.Module, opts: dict) -> tuple[str, NoisyRows] | No
     arch = arch_of(model)
     emb = QuantEmbedding.from_embedding(get_module(model, arch.embed), CONTAINER)
     set_module(model, arch.embed, emb)
-    lo, hi = opts["embed_range"]
-    init = min(max(float(opts["mixed_embed_target"]) + 2, lo), hi)
-    clip = min(max(float(opts["mixed_embed_target"]), lo), hi) if opts["mixed_noise_clip"] else None
-    emb.learner = NoisyRows(emb.weight.detach(), lo, hi, init, clip_bits=clip)
+    emb.learner = _table_learner(emb.weight, opts, "embed")
     if tied_embeddings(model):
         head = QuantLinear.from_linear(get_module(model, arch.head), CONTAINER)
         head.learner = emb.learner
@@ -776,10 +782,7 @@ def attach_head(model: nn.Module, opts: dict, cfg: QuantConfig) -> tuple[str, No
     arch = arch_of(model)
     head = QuantLinear.from_linear(get_module(model, arch.head), CONTAINER)
     set_module(model, arch.head, head)
-    lo, hi = opts["head_range"]
-    target = float(opts["mixed_head_target"])
-    head.learner = NoisyRows(head.weight.detach(), lo, hi, min(max(target + 2, lo), hi),
-                             clip_bits=min(max(target, lo), hi) if opts["mixed_noise_clip"] else None)
+    head.learner = _table_learner(head.weight, opts, "head")
     return arch.head, head.learner
 
 
