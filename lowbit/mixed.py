@@ -71,7 +71,8 @@ phase's weights instead of the float ones), ``mixed_embed_target`` / ``mixed_emb
 vocabulary row of the token-embedding table under its own budget, learned in the end-to-end stages only, a
 tied head sharing them; rows are never pruned), ``mixed_head_target`` / ``mixed_head_range`` (the same for an
 untied LM head under its own budget; a tied head is refused there: its widths are the embedding's). Both phases
-use the other ``dfqat_*`` settings (tile size, batch, learning rates, data, checkpoints: the fine-tune's go to ``<dfqat_ckpt>/finetune``).
+use the other ``dfqat_*`` settings (tile size, batch, learning rates, data, checkpoints: the fine-tune's go to
+``<dfqat_ckpt>/finetune``).
 """
 from __future__ import annotations
 
