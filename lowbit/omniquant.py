@@ -199,7 +199,10 @@ def let_groups(block: nn.Module, model: nn.Module) -> list[SmoothGroup]:
 
 
 def _let_value(scale: Tensor) -> Tensor:
-    return scale.clamp(min=LET_MIN)
+    """The LET scale as applied: at least ``LET_MIN``. The clamp passes the gradient straight through: with a
+    plain clamp a scale that an AdamW step takes below ``LET_MIN`` gets no gradient again and stays there for
+    good (its channel's input multiplied by ``1 / LET_MIN``), which a long run does to small scales."""
+    return scale + (scale.clamp(min=LET_MIN) - scale).detach()
 
 
 def smoothquant_scale(act_max: Tensor, weights: list[Tensor], alpha: float = 0.5) -> Tensor:
