@@ -571,3 +571,28 @@ def test_reduced_budget_omniquant_rows_are_labelled_and_never_stand_in_for_the_p
     not_run = text.split("Not run yet")[1].split(": ", 1)[1].rstrip(".").split(", ")
     assert "omniquant-w3-g128" in not_run and "omniquant-1epoch-w3-g128" not in not_run
     assert "| w3-g128 | omniquant |" not in text
+
+
+def test_let_rows_before_the_clamp_fix_are_flagged():
+    """OmniQuant rows that learned LET with code older than the clamp fix get a dagger and the note; rows of
+    later code, and OmniQuant without LET, do not."""
+    import subprocess
+
+    before = "2c64844"  # the fix's parent
+    if subprocess.run(["git", "cat-file", "-e", f"{before}^{{commit}}"], cwd=BENCH.parent,
+                      capture_output=True).returncode != 0:
+        pytest.skip("the checkout has no history (shallow clone)")
+    let = {"method": "omniquant", "config": {"act": {"format": "int8", "granularity": "token"}, "extra": {}}}
+    assert report.let_before_fix({**let, "commit": before + "+dirty"})
+    assert not report.let_before_fix({**let, "commit": report.LET_CLAMP_FIX})
+    wonly = {"method": "omniquant", "config": {"act": None, "extra": {}}, "commit": before}
+    assert not report.let_before_fix(wonly)
+    off = {"method": "omniquant", "commit": before, "config": {**let["config"], "extra": {"omni_let": False}}}
+    assert not report.let_before_fix(off)
+    assert not report.let_before_fix({**let, "method": "smoothquant,rtn", "commit": before})
+    row = {**let, "label": "omniquant-w4a8", "commit": before, "bits": {"blocks_bits_per_param": 4.0,
+           "model_bits_per_param": 6.0}, "metrics": {"wikitext2": {"ppl": 9.0, "windows": 4, "windows_total": 4}}}
+    table = report.ptq_table([row], ["omniquant-w4a8"], ["wikitext2"], ["w4a8"])
+    assert "| omniquant † |" in table and report.LET_NOTE in table
+    assert report.LET_NOTE not in report.ptq_table([{**row, "commit": report.LET_CLAMP_FIX}], ["omniquant-w4a8"],
+                                                   ["wikitext2"], ["w4a8"])
