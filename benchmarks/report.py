@@ -265,7 +265,22 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
                 + ", ".join(f"`{r['label']}` = `{r['reused_from']}`" for r in reused) + ". Their commands "
                 "(one CPU thread where the device says CPU):\n\n```\n" + _commands(reused) + "\n```" + note)
     return (ptq_table(rows + reused, order, list(datasets), SUFFIXES) + f"\n\nProvenance: {provenance(rows)}."
-            + note)
+            + note + superseded_let_note([folder, *reuse], [r["label"] for r in rows + reused], datasets))
+
+
+def superseded_let_note(folders: list[str], shown: list[str], datasets: tuple[str, ...]) -> str:
+    """Rows moved to ``<folder>/superseded`` because they learned LET before :data:`LET_CLAMP_FIX` and not shown
+    again yet: what they scored, and why they do not count."""
+    found = [(f, r) for f in folders for r in _load(RES / f / "superseded")
+             if let_before_fix(r) and r["label"] not in shown]
+    old = [r for _, r in found]
+    if not old:
+        return ""
+    cells = "; ".join(f"`{r['label']}` " + ", ".join(f"{d} {_ppl_cell(r, d)}" for d in datasets if d in r["metrics"])
+                      + f" (commit {str(r.get('commit', ''))[:7]})" for r in old)
+    return (f"\n\nRun before commit {LET_CLAMP_FIX} and waiting for a rerun (records in "
+            f"{', '.join(sorted({f'results/{f}/superseded' for f, _ in found}))}"
+            f"): {cells}. " + LET_NOTE.removeprefix("†: "))
 
 
 def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = "tinystories",
@@ -319,7 +334,8 @@ def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
     if not f.exists():
         return "_no results yet_"
     rec = json.loads(f.read_text())
-    orow = next((r for r in _load(RES / omni[0]) if r["label"] == omni[1]), None)
+    orow = next((r for r in _load(RES / omni[0]) + _load(RES / omni[0] / "superseded") if r["label"] == omni[1]),
+                None)
     loss = {e["block"]: e["loss"] for e in (orow or {}).get("omniquant_report") or []}
     lines = ["| block | attention input: max abs | its int4 error (rotated) | down_proj input: max abs | its int4 error "
              "(rotated) | largest error it writes into the residual (rotated) | residual stream: max abs"

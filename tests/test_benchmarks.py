@@ -596,3 +596,26 @@ def test_let_rows_before_the_clamp_fix_are_flagged():
     assert "| omniquant † |" in table and report.LET_NOTE in table
     assert report.LET_NOTE not in report.ptq_table([{**row, "commit": report.LET_CLAMP_FIX}], ["omniquant-w4a8"],
                                                    ["wikitext2"], ["w4a8"])
+
+
+def test_superseded_let_rows_are_listed_until_rerun(tmp_path, monkeypatch):
+    """A LET row moved to superseded/ before its rerun is named under the table with its score; once the rerun
+    is in the table it is not."""
+    import subprocess
+
+    before = "2c64844"
+    if subprocess.run(["git", "cat-file", "-e", f"{before}^{{commit}}"], cwd=BENCH.parent,
+                      capture_output=True).returncode != 0:
+        pytest.skip("the checkout has no history (shallow clone)")
+    (tmp_path / "g" / "superseded").mkdir(parents=True)
+    rec = {"label": "omniquant-1epoch-w4a8", "method": "omniquant", "commit": before,
+           "config": {"act": {"format": "int8", "granularity": "token"}, "extra": {}},
+           "metrics": {"wikitext2": {"ppl": 731.7, "windows": 40, "windows_total": 148}}}
+    (tmp_path / "g" / "superseded" / "omniquant-1epoch-w4a8.json").write_text(json.dumps(rec))
+    (tmp_path / "g" / "superseded" / "gptq-w4.json").write_text(json.dumps({**rec, "label": "gptq-w4",
+                                                                            "method": "gptq"}))
+    monkeypatch.setattr(report, "RES", tmp_path)
+    note = report.superseded_let_note(["g", "other"], [], ("wikitext2",))
+    assert "`omniquant-1epoch-w4a8` wikitext2 731.70 (40/148)" in note and "results/g/superseded" in note
+    assert "gptq-w4" not in note and "other" not in note
+    assert report.superseded_let_note(["g"], ["omniquant-1epoch-w4a8"], ("wikitext2",)) == ""
