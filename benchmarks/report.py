@@ -149,7 +149,7 @@ def let_before_fix(r: dict) -> bool:
 
 LET_NOTE = (f"†: OmniQuant with LET run before commit {LET_CLAMP_FIX}; there a LET scale that an AdamW step took "
             "below its clamp (1e-5) got no gradient again and stayed there, which wrecks the channels it scales "
-            "(on SmolLM2, 21 channels of block 0's input norm in the W4A8 row). To be rerun; not a measurement of "
+            "(on SmolLM2, scales of block 0's input norm, which start small). To be rerun; not a measurement of "
             "OmniQuant.")
 
 
@@ -283,6 +283,14 @@ def superseded_let_note(folders: list[str], shown: list[str], datasets: tuple[st
             f"): {cells}. " + LET_NOTE.removeprefix("†: "))
 
 
+def _superseded_scores(folder: str, dataset: str) -> str:
+    """``label old -> new`` for each record in ``<folder>/superseded`` that a record in ``folder`` replaces."""
+    now = {r["label"]: r for r in _load(RES / folder)}
+    return f"in results/{folder}/superseded: " + ", ".join(
+        f"`{r['label']}` {_f(r['metrics'][dataset]['ppl'], 3)} -> {_f(now[r['label']]['metrics'][dataset]['ppl'], 3)}"
+        for r in _load(RES / folder / "superseded") if r["label"] in now)
+
+
 def omni_budget_section(folder: str = "omni_budget_stories260k", dataset: str = "tinystories",
                         grid: str = "omni-budget-stories260k") -> str:
     """OmniQuant's perplexity and time against its number of epochs (grid omni-budget-stories260k), and the
@@ -351,8 +359,8 @@ def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
             f"{rec['seqlen']} tokens; int4 error = mean over tokens of ||Q(x) - x|| / ||x|| for per-token symmetric "
             "int4 (rotated: after an orthogonal Hadamard-type rotation of the same width, as QuaRot applies there)."
             + (f" Block loss: the last-epoch MSE of each block's output against the float model's, from the "
-               f"record of `{omni[1]}`" + (f" (run before commit {LET_CLAMP_FIX}: 15 LET scales of block 0 stuck at "
-                                            "their clamp, see the PTQ table's note)" if let_before_fix(orow) else "")
+               f"record of `{omni[1]}`" + (f" (run before commit {LET_CLAMP_FIX}: LET scales of block 0 stuck at "
+                                            "their clamp, see the note under the PTQ table)" if let_before_fix(orow) else "")
                + "." if loss else "") + f" Provenance: {provenance([rec])}.")
 
 
@@ -1850,10 +1858,9 @@ OMP_NUM_THREADS=1 python benchmarks/ptq_grid.py --model stories260k --grid ptq-s
 Rows marked `+dirty` ran while the only uncommitted changes in the checkout were new subcommands and
 options of `lowbit/cli.py` (`gen-data`, committed as e370a1f; the dfqat options), which no row uses.
 The OmniQuant weight-activation rows were rerun after commit 920e56b (before it, LET scales drifted to
-their clamp at 4-bit activations: W4A4 ended at 69.1), and again with the LET clamp fix (d5172de): no scale
-reaches the clamp on this model, and the differences (up to 0.3%) from the records they replace (W8A8 4.278, W4A8 4.704,
-W4A4 6.511, in results/ptq_stories260k/superseded) come from the uncommitted code those ran with; the committed
-OmniQuant budget grid below gives the new W4A4 figure to every digit with and without the fix.
+their clamp at 4-bit activations: W4A4 ended at 69.1), and again with the LET clamp fix (d5172de); the records they replace ({_superseded_scores("ptq_stories260k", "tinystories")})
+ran with uncommitted code. The committed OmniQuant budget grid below gives the new W4A4 figure to every digit
+with and without the fix: on this model no LET scale reached the clamp.
 
 ### OmniQuant's budget: epochs against perplexity (stories260K)
 
