@@ -147,10 +147,10 @@ def let_before_fix(r: dict) -> bool:
     return not _has_commit(r.get("commit", ""))
 
 
-LET_NOTE = (f"†: OmniQuant with LET run before commit {LET_CLAMP_FIX}; there a LET scale that an AdamW step took "
-            "below its clamp (1e-5) got no gradient again and stayed there, which wrecks the channels it scales "
-            "(on SmolLM2, scales of block 0's input norm, which start small). To be rerun; not a measurement of "
-            "OmniQuant.")
+_LET_CAUSE = ("there a LET scale that an AdamW step took below its clamp (1e-5) got no gradient again and stayed "
+              "there, which wrecks the channels it scales (on SmolLM2, scales of block 0's input norm, which start "
+              "small). Not a measurement of OmniQuant.")
+LET_NOTE = f"†: OmniQuant with LET run before commit {LET_CLAMP_FIX}; {_LET_CAUSE} To be rerun."
 
 
 def ptq_table(rows: list[dict], order: list[str], datasets: list[str], suffixes: list[str]) -> str:
@@ -271,16 +271,15 @@ def ptq_section(folder: str = "ptq_smollm2", grid: str = "ptq-smollm2",
 def superseded_let_note(folders: list[str], shown: list[str], datasets: tuple[str, ...]) -> str:
     """Rows moved to ``<folder>/superseded`` because they learned LET before :data:`LET_CLAMP_FIX` and not shown
     again yet: what they scored, and why they do not count."""
-    found = [(f, r) for f in folders for r in _load(RES / f / "superseded")
-             if let_before_fix(r) and r["label"] not in shown]
-    old = [r for _, r in found]
-    if not old:
+    found = {f: rs for f in folders
+             if (rs := [r for r in _load(RES / f / "superseded") if let_before_fix(r) and r["label"] not in shown])}
+    if not found:
         return ""
     cells = "; ".join(f"`{r['label']}` " + ", ".join(f"{d} {_ppl_cell(r, d)}" for d in datasets if d in r["metrics"])
-                      + f" (commit {str(r.get('commit', ''))[:7]})" for r in old)
+                      + f" (commit {str(r.get('commit', ''))[:7]})" for rs in found.values() for r in rs)
     return (f"\n\nRun before commit {LET_CLAMP_FIX} and waiting for a rerun (records in "
-            f"{', '.join(sorted({f'results/{f}/superseded' for f, _ in found}))}"
-            f"): {cells}. " + LET_NOTE.removeprefix("†: "))
+            f"{', '.join(f'results/{f}/superseded' for f in sorted(found))}): {cells}. {_LET_CAUSE[0].upper()}"
+            f"{_LET_CAUSE[1:]}")
 
 
 def _superseded_scores(folder: str, dataset: str) -> str:
@@ -342,8 +341,7 @@ def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
     if not f.exists():
         return "_no results yet_"
     rec = json.loads(f.read_text())
-    orow = next((r for r in _load(RES / omni[0]) + _load(RES / omni[0] / "superseded") if r["label"] == omni[1]),
-                None)
+    orow = next((r for r in _load(RES / omni[0]) if r["label"] == omni[1]), None)
     loss = {e["block"]: e["loss"] for e in (orow or {}).get("omniquant_report") or []}
     lines = ["| block | attention input: max abs | its int4 error (rotated) | down_proj input: max abs | its int4 error "
              "(rotated) | largest error it writes into the residual (rotated) | residual stream: max abs"
@@ -359,9 +357,7 @@ def act_probe_section(path: str = "act_probe/smollm2-135m-a4.json",
             f"{rec['seqlen']} tokens; int4 error = mean over tokens of ||Q(x) - x|| / ||x|| for per-token symmetric "
             "int4 (rotated: after an orthogonal Hadamard-type rotation of the same width, as QuaRot applies there)."
             + (f" Block loss: the last-epoch MSE of each block's output against the float model's, from the "
-               f"record of `{omni[1]}`" + (f" (run before commit {LET_CLAMP_FIX}: LET scales of block 0 stuck at "
-                                            "their clamp, see the note under the PTQ table)" if let_before_fix(orow) else "")
-               + "." if loss else "") + f" Provenance: {provenance([rec])}.")
+               f"record of `{omni[1]}`." if loss else "") + f" Provenance: {provenance([rec])}.")
 
 
 def engine_section(folder: Path | None = None) -> str:
